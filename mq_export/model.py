@@ -1,0 +1,195 @@
+"""Pure-PyTorch Mamba-1 (no CUDA, no triton, no mamba-ssm), laid out like mamba-ssm's modules.
+
+Parameter names follow mamba-ssm's `Mamba` mixer and `MambaLMHeadModel`, so their state dicts
+load with no renaming. Quantization hooks are `ActivationSite`s: identities until the quantize
+stage attaches a fake quantizer, and the places the exporter puts Q/DQ nodes.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .scan import selective_scan
+
+
+@dataclass(frozen=True)
+class MixerConfig:
+    d_model: int
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2
+    dt_rank: int | None = None      # None: ceil(d_model / 16), as mamba-ssm's "auto"
+    conv_bias: bool = True
+    bias: bool = False              # in_proj / out_proj bias
+
+    @property
+    def d_inner(self) -> int:
+        return self.expand * self.d_model
+
+    @property
+    def rank(self) -> int:
+        return self.dt_rank if self.dt_rank is not None else math.ceil(self.d_model / 16)
+
+
+class ActivationSite(nn.Module):
+    """A named point where an activation may be quantized; identity until a quantizer is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quantizer: nn.Module | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x if self.quantizer is None else self.quantizer(x)
+
+
+class MambaMixer(nn.Module):
+    """in_proj → causal depthwise conv1d → SiLU → x_proj → dt_proj → selective scan (D skip)
+    → SiLU(z) gate → out_proj. Input and output (batch, length, d_model)."""
+
+    def __init__(self, cfg: MixerConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d_inner, n, r = cfg.d_inner, cfg.d_state, cfg.rank
+        self.in_proj = nn.Linear(cfg.d_model, 2 * d_inner, bias=cfg.bias)
+        self.conv1d = nn.Conv1d(d_inner, d_inner, cfg.d_conv, groups=d_inner, padding=cfg.d_conv - 1,
+                                bias=cfg.conv_bias)
+        self.x_proj = nn.Linear(d_inner, r + 2 * n, bias=False)
+        self.dt_proj = nn.Linear(r, d_inner, bias=True)
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).repeat(d_inner, 1))
+        self.D = nn.Parameter(torch.ones(d_inner))
+        self.out_proj = nn.Linear(d_inner, cfg.d_model, bias=cfg.bias)
+        # Online transforms the quantize stage may set (they cannot be folded into weights):
+        # a rotation of the out_proj input, and the S-SiLU gate scale z·σ(s⊙z).
+        self.register_buffer("out_proj_input_rotation", None)
+        self.register_buffer("gate_scale", None)
+        self.sites = nn.ModuleDict({name: ActivationSite() for name in
+                                    ("in_proj", "x_proj", "dt_proj", "out_proj", "scan_B", "scan_C")})
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        cfg = self.cfg
+        length = hidden.shape[1]
+        x, z = self.in_proj(self.sites["in_proj"](hidden)).chunk(2, dim=-1)      # (b, l, d_inner)
+        x = F.silu(self.conv1d(x.transpose(1, 2))[..., :length])                 # (b, d_inner, l)
+        x_dbl = self.x_proj(self.sites["x_proj"](x.transpose(1, 2)))
+        dt, B, C = torch.split(x_dbl, [cfg.rank, cfg.d_state, cfg.d_state], dim=-1)
+        # dt_proj's bias is applied inside the scan as delta_bias, as mamba-ssm does.
+        dt = F.linear(self.sites["dt_proj"](dt), self.dt_proj.weight)
+        B = self.sites["scan_B"](B)
+        C = self.sites["scan_C"](C)
+        gate_in_scan = self.gate_scale is None
+        y = selective_scan(x, dt.transpose(1, 2), -torch.exp(self.A_log.float()),
+                           B.transpose(1, 2), C.transpose(1, 2), self.D.float(),
+                           z=z.transpose(1, 2) if gate_in_scan else None,
+                           delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
+        y = y.transpose(1, 2)                                                     # (b, l, d_inner)
+        if not gate_in_scan:
+            y = y * z * torch.sigmoid(self.gate_scale * z)
+        if self.out_proj_input_rotation is not None:
+            y = y @ self.out_proj_input_rotation
+        return self.out_proj(self.sites["out_proj"](y))
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    """The bundled checkpoint's family: input_proj → Mamba mixers (no norms or residuals between
+    them) → mean over time → LayerNorm → Linear."""
+    mixer: MixerConfig
+    n_layers: int
+    d_input: int = 1
+    n_classes: int = 10
+
+
+class MambaSequenceClassifier(nn.Module):
+    def __init__(self, cfg: ClassifierConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.mixer.d_model
+        self.input_proj = nn.Linear(cfg.d_input, d)
+        self.layers = nn.ModuleList(MambaMixer(cfg.mixer) for _ in range(cfg.n_layers))
+        self.norm = nn.LayerNorm(d)
+        self.classifier = nn.Linear(d, cfg.n_classes)
+        self.sites = nn.ModuleDict({"classifier": ActivationSite()})
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (batch, length, d_input) → logits (batch, n_classes)."""
+        h = self.input_proj(x)
+        for layer in self.layers:
+            h = layer(h)
+        return self.classifier(self.sites["classifier"](self.norm(h.mean(dim=1))))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+@dataclass(frozen=True)
+class LMConfig:
+    """mamba-ssm's MambaConfig, Mamba-1 mixers only."""
+    mixer: MixerConfig
+    n_layer: int
+    vocab_size: int
+    rms_norm: bool = True
+    norm_epsilon: float = 1e-5
+    pad_vocab_size_multiple: int = 8
+    tie_embeddings: bool = True
+    extra: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.pad_vocab_size_multiple
+        return self.vocab_size + (-self.vocab_size) % m
+
+
+class Block(nn.Module):
+    """mamba-ssm's pre-norm residual block: residual += hidden; hidden = mixer(norm(residual))."""
+
+    def __init__(self, cfg: LMConfig) -> None:
+        super().__init__()
+        d = cfg.mixer.d_model
+        self.norm = RMSNorm(d, cfg.norm_epsilon) if cfg.rms_norm else nn.LayerNorm(d, eps=cfg.norm_epsilon)
+        self.mixer = MambaMixer(cfg.mixer)
+
+    def forward(self, hidden: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
+        residual = hidden if residual is None else hidden + residual
+        return self.mixer(self.norm(residual)), residual
+
+
+class MambaBackbone(nn.Module):
+    def __init__(self, cfg: LMConfig) -> None:
+        super().__init__()
+        d = cfg.mixer.d_model
+        self.embedding = nn.Embedding(cfg.padded_vocab_size, d)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm_f = RMSNorm(d, cfg.norm_epsilon) if cfg.rms_norm else nn.LayerNorm(d, eps=cfg.norm_epsilon)
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        hidden, residual = self.embedding(input_ids), None
+        for layer in self.layers:
+            hidden, residual = layer(hidden, residual)
+        return self.norm_f(hidden + residual)
+
+
+class MambaLMHeadModel(nn.Module):
+    """Causal LM in mamba-ssm's MambaLMHeadModel layout; input_ids (b, l) → logits (b, l, vocab)."""
+
+    def __init__(self, cfg: LMConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = MambaBackbone(cfg)
+        self.lm_head = nn.Linear(cfg.mixer.d_model, cfg.padded_vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.backbone.embedding.weight
+        self.sites = nn.ModuleDict({"lm_head": ActivationSite()})
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        return self.lm_head(self.sites["lm_head"](self.backbone(input_ids)))
