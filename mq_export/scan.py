@@ -60,6 +60,11 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
     read-out against C is one multiply-reduce per chunk. Time-major layout keeps every step's
     slab contiguous.
     """
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (u, delta, A, B, C, D, z, delta_bias, initial_state)):
+        # The in-place recurrence below is not differentiable; training takes the reference.
+        return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                        return_last_state, initial_state)
     delta = _discretize_delta(delta, delta_bias, delta_softplus)
     b, d, length = u.shape
     n = A.shape[1]
