@@ -31,7 +31,9 @@ def run_demo(cfg: DemoConfig) -> Report:
         t0 = time.perf_counter()
         model = spec.load()
         calib, evaluation = spec.splits(cfg.limit)
-        report = Report(model=spec.name, method=cfg.method, w_bits=cfg.w_bits, a_bits=cfg.a_bits,
+        quantized = cfg.method != "none"
+        report = Report(model=spec.name, method=cfg.method, w_bits=cfg.w_bits if quantized else 32,
+                        a_bits=cfg.a_bits if quantized else 32,
                         calibration={"samples": len(calib), "split": calib.name},
                         eval={"samples": len(evaluation), "split": evaluation.name})
         report.seconds["load"] = time.perf_counter() - t0

@@ -1,0 +1,48 @@
+import json
+import subprocess
+import sys
+
+import torch
+
+from mq_export.cli import main
+from mq_export.loaders import BUNDLED_CLASSIFIER
+
+
+def run_cli(*args):
+    """The CLI as a user runs it: a separate process, so tracebacks would show on stderr."""
+    return subprocess.run([sys.executable, "-m", "mq_export", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_demo_none_writes_report(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["demo", "-o", str(out), "--limit", "64", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    report = json.loads((out / "report.json").read_text())
+    assert printed == report
+    assert report["model"] == "mnist" and report["method"] == "none"
+    assert report["calibration"]["samples"] == 1024 and report["eval"]["samples"] == 64
+    assert report["calibration"]["split"] == "mnist-test[8976:10000]"
+    assert report["eval"]["split"] == "mnist-test[0:64]"
+    assert 0.9 <= report["fp32"]["accuracy"] <= 1.0
+    assert not [p for p in tmp_path.iterdir() if p.name != "out"], "staging directory left behind"
+
+
+def test_unknown_model_is_one_line_error(tmp_path):
+    out = tmp_path / "out"
+    proc = run_cli("demo", "-o", str(out), "--model", "imagenet")
+    assert proc.returncode != 0
+    assert proc.stderr.strip().count("\n") == 0 and "unknown model 'imagenet'" in proc.stderr
+    assert "Traceback" not in proc.stderr and not out.exists()
+
+
+def test_non_empty_output_needs_force(tmp_path):
+    (tmp_path / "keep.txt").write_text("x")
+    proc = run_cli("demo", "-o", str(tmp_path), "--limit", "8")
+    assert proc.returncode != 0 and "--force" in proc.stderr and "Traceback" not in proc.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+
+
+def test_limit_must_be_positive(tmp_path):
+    proc = run_cli("demo", "-o", str(tmp_path / "o"), "--limit", "0")
+    assert proc.returncode != 0 and "--limit must be positive" in proc.stderr
+    assert not (tmp_path / "o").exists()
