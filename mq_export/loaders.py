@@ -149,6 +149,9 @@ def lm_config_from_hf(cfg: dict, source: Path) -> LMConfig:
                             d_conv=int(cfg.get("conv_kernel", 4)), expand=int(cfg.get("expand", 2)),
                             dt_rank=None if rank == "auto" else int(rank),
                             conv_bias=bool(cfg.get("use_conv_bias", True)), bias=bool(cfg.get("use_bias", False)))
+        if int(cfg.get("intermediate_size", mixer.d_inner)) != mixer.d_inner:
+            raise MQExportError(f"{source}: intermediate_size {cfg['intermediate_size']} is not expand × "
+                                f"hidden_size = {mixer.d_inner}")
         return LMConfig(mixer=mixer, n_layer=int(cfg["num_hidden_layers"]), vocab_size=int(cfg["vocab_size"]),
                         rms_norm=True, norm_epsilon=float(cfg.get("layer_norm_epsilon", 1e-5)),
                         pad_vocab_size_multiple=1, tie_embeddings=bool(cfg.get("tie_word_embeddings", True)))
