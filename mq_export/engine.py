@@ -1,0 +1,247 @@
+"""TensorRT engine build and validation for exported models with SelectiveScan nodes.
+
+The TensorRT Python package is imported only inside these functions; without it they raise a
+one-line MQExportError. Graphs with QuantizeLinear/DequantizeLinear are built as strongly typed
+networks (types come from the graph, as TensorRT's explicit quantization requires); FP32 graphs
+may be built with the FP16 builder flag.
+"""
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Mapping, Sequence
+
+from mq_export.errors import MQExportError
+from mq_export.ops import SCAN_OP_TYPE
+
+if TYPE_CHECKING:
+    import numpy as np
+
+MIN_TENSORRT = (10, 3)
+_QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}
+
+
+@dataclass(frozen=True)
+class DimRange:
+    """Range of one dynamic ONNX dimension (by its dim_param name) in an optimization profile."""
+
+    min: int
+    opt: int
+    max: int
+
+
+Profile = Mapping[str, DimRange]
+InputShapes = dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
+
+
+@dataclass(frozen=True)
+class OutputComparison:
+    name: str
+    max_abs_error: float
+    max_reference: float
+    passed: bool
+
+
+def parse_profile(text: str) -> dict[str, DimRange]:
+    """`batch=1:8:32,length=1:784:784` -> {"batch": DimRange(1, 8, 32), ...} (CLI --profile)."""
+    profile = {}
+    for item in filter(None, text.split(",")):
+        name, _, values = item.partition("=")
+        try:
+            low, opt, high = (int(v) for v in values.split(":"))
+        except ValueError:
+            raise MQExportError(f"profile entry {item!r} is not NAME=MIN:OPT:MAX") from None
+        if not 1 <= low <= opt <= high:
+            raise MQExportError(f"profile entry {item!r} needs 1 <= MIN <= OPT <= MAX")
+        profile[name.strip()] = DimRange(low, opt, high)
+    return profile
+
+
+def _tensorrt():
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise MQExportError("TensorRT Python package 'tensorrt' is not installed; install TensorRT >= 10.3 "
+                            "(JetPack 6 ships it; on a desktop `pip install tensorrt`) to build or run engines") from None
+    version = tuple(int(part) for part in trt.__version__.split(".")[:2])
+    if version < MIN_TENSORRT:
+        raise MQExportError(f"TensorRT {trt.__version__} is too old; the SelectiveScan plugin needs >= 10.3 (IPluginV3)")
+    return trt
+
+
+_loaded_plugin_libraries: set[str] = set()
+
+
+def _load_plugin(trt, plugin_path: str | Path) -> None:
+    # The registry refuses a library whose creators are already registered: load each once.
+    path = str(Path(plugin_path).resolve())
+    if path in _loaded_plugin_libraries:
+        return
+    if not Path(path).is_file():
+        raise MQExportError(f"TensorRT plugin library not found: {path} (build plugins/ with -DTENSORRT_ROOT)")
+    if trt.get_plugin_registry().load_library(path) is None:
+        raise MQExportError(f"TensorRT could not load plugin library {path}; see the TensorRT log")
+    _loaded_plugin_libraries.add(path)
+
+
+def _load_onnx(onnx_path: str | Path):
+    import onnx
+
+    if not Path(onnx_path).is_file():
+        raise MQExportError(f"ONNX model not found: {onnx_path}")
+    return onnx.load(str(onnx_path), load_external_data=False)
+
+
+def is_quantized(model) -> bool:
+    """Whether the graph has Q/DQ nodes, i.e. must be built strongly typed."""
+    return any(node.op_type in _QDQ_OPS for node in model.graph.node)
+
+
+def input_shapes(model, profile: Profile) -> InputShapes:
+    """(min, opt, max) shape of every graph input, dynamic dims taken from `profile` by dim_param."""
+    initializers = {init.name for init in model.graph.initializer}
+    shapes: InputShapes = {}
+    for graph_input in model.graph.input:
+        if graph_input.name in initializers:
+            continue
+        dims: list[tuple[int, int, int]] = []
+        for dim in graph_input.type.tensor_type.shape.dim:
+            if dim.HasField("dim_value"):
+                dims.append((dim.dim_value,) * 3)
+            elif dim.dim_param in profile:
+                r = profile[dim.dim_param]
+                dims.append((r.min, r.opt, r.max))
+            else:
+                name = dim.dim_param or "?"
+                raise MQExportError(f"input '{graph_input.name}' has dynamic dimension '{name}': give its range, "
+                                    f"e.g. --profile {name}=1:8:32")
+        shapes[graph_input.name] = tuple(tuple(d[i] for d in dims) for i in range(3))
+    return shapes
+
+
+def build_engine(onnx_path: str | Path, plugin_path: str | Path, out_path: str | Path, fp16: bool = False,
+                 profiles: Sequence[Profile] = ({},), workspace_bytes: int | None = None) -> Path:
+    """Builds and writes a serialized engine; returns `out_path`.
+
+    profiles: one optimization profile per entry, each mapping dim_param names to DimRange.
+    """
+    model = _load_onnx(onnx_path)
+    quantized = is_quantized(model)
+    if fp16 and quantized:
+        raise MQExportError("--fp16 applies to FP32 graphs only; this Q/DQ graph is built strongly typed "
+                            "with the types it carries")
+    all_shapes = [input_shapes(model, profile) for profile in profiles]
+    trt = _tensorrt()
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    _load_plugin(trt, plugin_path)
+    builder = trt.Builder(logger)
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if quantized else 0
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    # 10.15+: take the registered plugin over the node's local function (older versions do so
+    # anyway when the node has plugin_version/plugin_namespace attributes).
+    if hasattr(trt.OnnxParserFlag, "ENABLE_PLUGIN_OVERRIDE"):
+        parser.set_flag(trt.OnnxParserFlag.ENABLE_PLUGIN_OVERRIDE)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)).replace("\n", " ") for i in range(parser.num_errors))
+        raise MQExportError(f"TensorRT could not parse {onnx_path}: {errors}")
+    scan_nodes = sum(node.op_type == SCAN_OP_TYPE for node in model.graph.node)
+    plugin_layers = sum(network.get_layer(i).type == trt.LayerType.PLUGIN_V3 for i in range(network.num_layers))
+    if plugin_layers < scan_nodes:
+        raise MQExportError(f"{scan_nodes} {SCAN_OP_TYPE} nodes but {plugin_layers} plugin layers: TensorRT used the "
+                            "function bodies; check the nodes' plugin_version/plugin_namespace attributes")
+
+    config = builder.create_builder_config()
+    if fp16:
+        config.set_flag(trt.BuilderFlag.FP16)
+    if workspace_bytes is not None:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
+    for shapes in all_shapes:
+        profile = builder.create_optimization_profile()
+        for name, (low, opt, high) in shapes.items():
+            profile.set_shape(name, low, opt, high)
+        config.add_optimization_profile(profile)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise MQExportError(f"TensorRT could not build an engine from {onnx_path}; see the TensorRT log above")
+    out = Path(out_path)
+    out.write_bytes(bytes(serialized))
+    return out
+
+
+def validate_engine(engine_path: str | Path, plugin_path: str | Path, onnx_path: str | Path,
+                    inputs: Mapping[str, np.ndarray], rtol: float = 1e-2, atol: float = 1e-3
+                    ) -> list[OutputComparison]:
+    """Runs the engine and the ONNX model (ONNX Runtime, local function bodies) on `inputs`
+    and compares every output: passed when max |trt - ort| <= atol + rtol * max |ort|."""
+    import numpy as np
+
+    trt = _tensorrt()
+    import torch
+
+    if not torch.cuda.is_available():
+        raise MQExportError("validating an engine needs a CUDA device")
+    import onnxruntime as ort
+
+    reference_session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    output_names = [output.name for output in reference_session.get_outputs()]
+    references = dict(zip(output_names, reference_session.run(output_names, dict(inputs))))
+
+    _load_plugin(trt, plugin_path)
+    logger = trt.Logger(trt.Logger.WARNING)
+    engine = trt.Runtime(logger).deserialize_cuda_engine(Path(engine_path).read_bytes())
+    if engine is None:
+        raise MQExportError(f"TensorRT could not load engine {engine_path} (built by another TensorRT version or device?)")
+    context = engine.create_execution_context()
+    device_tensors = {}
+    for name, array in inputs.items():
+        device_tensors[name] = torch.from_numpy(np.ascontiguousarray(array)).cuda()
+        context.set_input_shape(name, tuple(array.shape))
+    for name in output_names:
+        dtype = torch.from_numpy(np.empty(0, dtype=trt.nptype(engine.get_tensor_dtype(name)))).dtype
+        device_tensors[name] = torch.empty(tuple(context.get_tensor_shape(name)), dtype=dtype, device="cuda")
+    for name, tensor in device_tensors.items():
+        context.set_tensor_address(name, tensor.data_ptr())
+    stream = torch.cuda.current_stream()
+    if not context.execute_async_v3(stream.cuda_stream):
+        raise MQExportError(f"TensorRT failed to run {engine_path}")
+    stream.synchronize()
+
+    comparisons = []
+    for name in output_names:
+        got = device_tensors[name].float().cpu().numpy()
+        expected = references[name].astype(np.float32)
+        max_error = float(np.abs(got - expected).max(initial=0.0))
+        max_reference = float(np.abs(expected).max(initial=0.0))
+        comparisons.append(OutputComparison(name, max_error, max_reference, max_error <= atol + rtol * max_reference))
+    return comparisons
+
+
+def equivalent_commands(onnx_path: str | Path, plugin_path: str | Path, out_path: str | Path, fp16: bool = False,
+                        profile: Profile | None = None) -> dict[str, str]:
+    """trtexec and polygraphy command lines doing what build_engine/validate_engine do (one profile)."""
+    model = _load_onnx(onnx_path)
+    dynamic = {name: s for name, s in input_shapes(model, profile or {}).items() if s[0] != s[2]}
+    precision = ["--stronglyTyped"] if is_quantized(model) else (["--fp16"] if fp16 else [])
+    polygraphy_precision = ["--strongly-typed"] if is_quantized(model) else (["--fp16"] if fp16 else [])
+    trtexec_shapes, polygraphy_shapes = [], []
+    for index, kind in enumerate(("min", "opt", "max")) if dynamic else ():
+        trtexec_shapes.append(f"--{kind}Shapes=" + ",".join(
+            f"{name}:{'x'.join(map(str, s[index]))}" for name, s in dynamic.items()))
+        polygraphy_shapes += [f"--trt-{kind}-shapes",
+                              *(f"{name}:[{','.join(map(str, s[index]))}]" for name, s in dynamic.items())]
+
+    def command(*tokens) -> str:
+        return " ".join(shlex.quote(str(token)) for token in tokens)
+
+    return {
+        "trtexec_build": command("trtexec", f"--onnx={onnx_path}", f"--dynamicPlugins={plugin_path}",
+                                 f"--saveEngine={out_path}", *precision, *trtexec_shapes),
+        "trtexec_run": command("trtexec", f"--loadEngine={out_path}", f"--dynamicPlugins={plugin_path}"),
+        "polygraphy_build": command("polygraphy", "convert", onnx_path, "--plugins", plugin_path, "-o", out_path,
+                                    *polygraphy_precision, *polygraphy_shapes),
+        "polygraphy_compare": command("polygraphy", "run", onnx_path, "--trt", "--onnxrt", "--plugins", plugin_path,
+                                      *polygraphy_precision, *polygraphy_shapes),
+    }
