@@ -78,13 +78,18 @@ def selective_scan_cuda(u, delta, A, B, C, D=None, z=None, delta_bias=None, delt
     dstate = A.shape[1]
     if dstate > MAX_DSTATE:
         raise MQExportError(f"d_state {dstate} exceeds the kernel's limit of {MAX_DSTATE}")
-    expected = {"delta": (delta, (batch, dim, length)), "B": (B, (batch, dstate, length)),
-                "C": (C, (batch, dstate, length)), "z": (z, (batch, dim, length))}
-    for name, (tensor, shape) in expected.items():
+    activations = {"delta": (delta, (batch, dim, length)), "B": (B, (batch, dstate, length)),
+                   "C": (C, (batch, dstate, length)), "z": (z, (batch, dim, length))}
+    for name, (tensor, shape) in activations.items():
         if tensor is not None and (tuple(tensor.shape) != shape or tensor.dtype != u.dtype
                                    or tensor.device != u.device):
             raise MQExportError(f"{name} must have shape {shape}, dtype {u.dtype} and device {u.device}, "
                                 f"got {tuple(tensor.shape)} {tensor.dtype} {tensor.device}")
+    parameters = {"A": (A, (dim, dstate)), "D": (D, (dim,)), "delta_bias": (delta_bias, (dim,)),
+                  "initial_state": (initial_state, (batch, dim, dstate))}
+    for name, (tensor, shape) in parameters.items():
+        if tensor is not None and tuple(tensor.shape) != shape:
+            raise MQExportError(f"{name} must have shape {shape}, got {tuple(tensor.shape)}")
 
     def activation(tensor):
         return None if tensor is None else tensor.contiguous()
