@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from mq_export import kernels
 from mq_export.errors import MQExportError
 from mq_export.ops import SCAN_OP_TYPE, SCAN_PLUGIN_NAMESPACE, SCAN_PLUGIN_VERSION, SelectiveScanSpec
-from mq_export.plugin_spec import spec_node_description
+from mq_export.plugin_spec import onnx_node_description, spec_node_description
 from mq_export.scan import selective_scan_reference
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,6 +124,14 @@ def test_spec_header_generated_from_ops(tmp_path):
     assert f'#define MQ_SCAN_PLUGIN_NAMESPACE "{SCAN_PLUGIN_NAMESPACE}"' in text
     assert '"has_initial_state", "return_last_state"}' in text
     assert "#define MQ_SCAN_INPUT_GATING_FIELD {-1, -1, -1, -1, -1, 1, 2, 3, 4}" in text
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_onnx_node_description_equals_spec_description(spec):
+    from onnx import helper
+
+    node = helper.make_node(SCAN_OP_TYPE, spec.input_names(), spec.output_names(), **spec.attributes())
+    assert onnx_node_description(node) == spec_node_description(spec)
 
 
 def test_missing_kernel_library_is_one_line_error(monkeypatch, tmp_path):
