@@ -1,0 +1,522 @@
+"""ONNX export: any module whose scans go through `scan.selective_scan`, with Q/DQ at the quant sites.
+
+How the graph is made:
+
+* The module is traced by `torch.onnx.export(dynamo=True)` while three things are swapped in:
+  every reference to `scan.selective_scan` emits ONE `SelectiveScan` node of the project domain
+  (op contract: `ops.py`); every `F.linear` emits a weight marker so the weight becomes a [in, out]
+  MatMul operand; every `ActivationSite` whose quantizer is a `qspec.FakeQuantize` emits a site
+  marker. Nothing else about the model changes, so rotations/smoothing the quantize stage folded
+  into weights are simply the exported initializers, and online ops (`out_proj_input_rotation`,
+  `gate_scale`) are ordinary MatMul/Mul/Sigmoid nodes.
+* The markers are then rewritten with onnx-graphsurgeon: a site marker becomes
+  QuantizeLinear→DequantizeLinear with the site's `ActQuant`; a weight marker becomes either a
+  float [in, out] initializer or, when the Linear carries `weight_quant`, an integer initializer
+  (INT8, or INT4 at opset ≥ 21) with one DequantizeLinear (per-channel on axis 1, or blocked along
+  the input dimension with `block_size` = `WeightQuant.group_size`).
+* The `SelectiveScan` node gets a local function (FunctionProto) of the same domain/name that
+  computes the scan with standard ops (`scan_function`), so any ONNX runtime can run the file;
+  a registered kernel (ORT custom op, TensorRT plugin) takes precedence over it.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+from onnx import TensorProto, helper, numpy_helper
+from torch import Tensor, nn
+
+from . import scan as _scan
+from .errors import MQExportError
+from .ops import SCAN_DOMAIN, SCAN_DOMAIN_VERSION, SCAN_OP_TYPE, SelectiveScanSpec
+from .qspec import ActQuant, FakeQuantize, WeightQuant
+
+MARK_DOMAIN = "mq_export.mark"   # temporary marker nodes; none survive in the written file
+MIN_OPSET, MAX_OPSET = 18, 21   # torch's exporter writes opset ≥ 18
+INT4_OPSET = 21                  # INT4 tensors and DequantizeLinear block_size
+DEFAULT_CHUNK = 16               # time steps per Loop iteration of the scan function body
+
+
+@dataclass
+class ExportInfo:
+    """What the exporter did, for report.json."""
+    opset: int
+    scan_nodes: int = 0
+    scan_spec: dict = field(default_factory=dict)
+    activation_sites: list[str] = field(default_factory=list)      # sites with Q/DQ
+    quantized_weights: dict[str, str] = field(default_factory=dict)  # param → "int8 per-channel" …
+
+    def to_dict(self) -> dict:
+        return {"opset": self.opset, "scan_nodes": self.scan_nodes, "scan_spec": self.scan_spec,
+                "qdq_activation_sites": self.activation_sites, "quantized_weights": self.quantized_weights}
+
+
+# ------------------------------------------------------------------ tracing-time substitutions
+
+class _Trace:
+    def __init__(self) -> None:
+        self.specs: list[SelectiveScanSpec] = []
+        self.sites: dict[str, ActQuant] = {}
+
+
+def _scan_as_node(trace: _Trace):
+    def selective_scan_node(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                            return_last_state=False, initial_state=None, chunk=16):
+        spec = SelectiveScanSpec(delta_softplus=bool(delta_softplus), has_D=D is not None, has_z=z is not None,
+                                 has_delta_bias=delta_bias is not None,
+                                 has_initial_state=initial_state is not None,
+                                 return_last_state=bool(return_last_state))
+        trace.specs.append(spec)
+        inputs = [u, delta, A, B, C] + [t for t in (D, z, delta_bias, initial_state) if t is not None]
+        op = f"{SCAN_DOMAIN}::{SCAN_OP_TYPE}"
+        if not return_last_state:
+            return torch.onnx.ops.symbolic(op, inputs, spec.attributes(), dtype=u.dtype, shape=u.shape,
+                                           version=SCAN_DOMAIN_VERSION)
+        b, d, _ = u.shape
+        y, h = torch.onnx.ops.symbolic_multi_out(op, inputs, spec.attributes(), dtypes=[u.dtype, u.dtype],
+                                                 shapes=[u.shape, (b, d, A.shape[1])],
+                                                 version=SCAN_DOMAIN_VERSION)
+        return y, h
+    return selective_scan_node
+
+
+def _linear_with_marker(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    w_t = torch.onnx.ops.symbolic(f"{MARK_DOMAIN}::Weight", [weight], {}, dtype=weight.dtype,
+                                  shape=(weight.shape[1], weight.shape[0]), version=1)
+    y = torch.matmul(x, w_t)
+    return y if bias is None else y + bias
+
+
+def _site_marker(name: str):
+    def forward(x: Tensor) -> Tensor:
+        return torch.onnx.ops.symbolic(f"{MARK_DOMAIN}::Site", [x], {"site": name}, dtype=x.dtype,
+                                       shape=x.shape, version=1)
+    return forward
+
+
+@contextlib.contextmanager
+def _tracing_patches(model: nn.Module, trace: _Trace) -> Iterator[None]:
+    original = _scan.selective_scan
+    replacement = _scan_as_node(trace)
+    patched: list[tuple[object, str]] = []
+    # Every module that imported `selective_scan` by name (model.py, a decode-step module, …).
+    for mod in list(sys.modules.values()):
+        namespace = getattr(mod, "__dict__", None)
+        if not isinstance(namespace, dict):
+            continue
+        for key, value in list(namespace.items()):
+            if value is original:
+                patched.append((mod, key))
+    site_modules = []
+    for name, module in model.named_modules():
+        quantizer = getattr(module, "quantizer", None)
+        if isinstance(quantizer, FakeQuantize):
+            trace.sites[name] = quantizer.params
+            module.forward = _site_marker(name)          # instance attribute, removed below
+            site_modules.append(module)
+    linear = F.linear
+    try:
+        for mod, key in patched:
+            setattr(mod, key, replacement)
+        F.linear = _linear_with_marker
+        yield
+    finally:
+        F.linear = linear
+        for mod, key in patched:
+            setattr(mod, key, original)
+        for module in site_modules:
+            del module.forward
+
+
+# ------------------------------------------------------------------ the scan as standard ops
+
+class _Builder:
+    """Tiny helper to write ONNX nodes with unique value names."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.nodes: list[onnx.NodeProto] = []
+        self.count = 0
+
+    def __call__(self, op: str, inputs: Sequence[str], n_out: int = 1, **attrs) -> str | list[str]:
+        self.count += 1
+        outs = [f"{self.prefix}{op.lower()}{self.count}" + (f"_{i}" if n_out > 1 else "") for i in range(n_out)]
+        self.nodes.append(helper.make_node(op, list(inputs), outs, name=f"{self.prefix}{op}{self.count}", **attrs))
+        return outs[0] if n_out == 1 else outs
+
+    def const(self, value, dtype=np.int64) -> str:
+        self.count += 1
+        name = f"{self.prefix}c{self.count}"
+        self.nodes.append(helper.make_node("Constant", [], [name], name=f"{self.prefix}Constant{self.count}",
+                                           value=numpy_helper.from_array(np.asarray(value, dtype=dtype), name)))
+        return name
+
+
+def scan_function(spec: SelectiveScanSpec, opset: int, chunk: int = DEFAULT_CHUNK) -> onnx.FunctionProto:
+    """The SelectiveScan semantics (scan.selective_scan_reference) as an ONNX local function.
+
+    Design (measured faster on CPU than the masked cumulative-sum form for Mamba-1, whose decay
+    differs per state channel; see tools/bench_ort.py): everything that does not depend on the
+    state is computed for the whole sequence at once (Δ bias + softplus, Δ·u, time-major layout,
+    padding to whole chunks); a Loop runs over chunks of `chunk` steps; inside one iteration the
+    decays exp(Δ·A) and inputs Δ·B·u of all its steps are computed in parallel, the recurrence
+    h ← exp(Δ_t A)·h + Δ_t B_t u_t is unrolled `chunk` times (two elementwise nodes per step, the
+    exact arithmetic of the reference, no exponentials of positive numbers, stable at any length),
+    and the read-out h·C is one Mul+ReduceSum per chunk. Padded steps have Δ = 0, so they leave
+    the state unchanged and the final state is exact.
+    """
+    T = int(chunk)
+    f = _Builder("ss_")
+    inputs = spec.input_names()
+    c = f.const
+    # Δ (b, d, l)
+    delta = "delta"
+    if spec.has_delta_bias:
+        delta = f("Add", [delta, f("Unsqueeze", ["delta_bias", c([-1])])])
+    if spec.delta_softplus:
+        # softplus(x) = max(x, 0) + log(1 + exp(-|x|)): stable, and vectorised Exp/Log are far
+        # faster in ONNX Runtime than its scalar Softplus kernel.
+        delta = f("Add", [f("Relu", [delta]), f("Log", [f("Add", [f("Exp", [f("Neg", [f("Abs", [delta])])]),
+                                                                  c(1.0, np.float32)])])])
+    du = f("Mul", [delta, "u"])
+    # Time-major, state layout (…, n, d): d is innermost, so every broadcast runs over d-long spans.
+    dlt_t = f("Transpose", [delta], perm=[2, 0, 1])                           # (l, b, d)
+    du_t = f("Transpose", [du], perm=[2, 0, 1])                               # (l, b, d)
+    b_t = f("Transpose", ["B"], perm=[2, 0, 1])                               # (l, b, n)
+    c_t = f("Transpose", ["C"], perm=[2, 0, 1])                               # (l, b, n)
+    a_t = f("Transpose", ["A"], perm=[1, 0])                                  # (n, d)
+    shape_u = f("Shape", ["u"])
+    batch = f("Slice", [shape_u, c([0]), c([1])])
+    d_inner = f("Slice", [shape_u, c([1]), c([2])])
+    length = f("Slice", [shape_u, c([2]), c([3])])
+    n_state = f("Slice", [f("Shape", ["A"]), c([1]), c([2])])
+    n_chunks = f("Div", [f("Add", [length, c([T - 1])]), c([T])])           # ceil(l / T), (1,)
+    pad = f("Sub", [f("Mul", [n_chunks, c([T])]), length])
+    pads = f("Concat", [c([0]), c([0]), c([0]), pad, c([0]), c([0])], axis=0)
+    zero_f = c(0.0, np.float32)
+
+    def chunked(x: str, last: str, unsqueeze: int) -> str:  # (l, b, k) → (n_chunks, T, b, [1,] k[, 1])
+        padded = f("Pad", [x, pads, zero_f])
+        shape = [n_chunks, c([T]), batch] + ([c([1]), last] if unsqueeze == 3 else [last, c([1])])
+        return f("Reshape", [padded, f("Concat", shape, axis=0)])
+
+    dlt_c, du_c = chunked(dlt_t, d_inner, 3), chunked(du_t, d_inner, 3)     # (nc, T, b, 1, d)
+    b_c, c_c = chunked(b_t, n_state, 4), chunked(c_t, n_state, 3)           # (nc,T,b,n,1), (nc,T,b,1,n)
+    if spec.has_initial_state:
+        h0 = f("Unsqueeze", [f("Transpose", ["initial_state"], perm=[0, 2, 1]), c([0])])   # (1, b, n, d)
+    else:
+        h0 = f("ConstantOfShape", [f("Concat", [c([1]), batch, n_state, d_inner], axis=0)],
+               value=numpy_helper.from_array(np.zeros(1, np.float32)))
+
+    # ---- Loop body: one chunk of T steps
+    g = _Builder("body_")
+    it, cond_in, h_in = "body_iter", "body_cond", "body_h"
+    ones = g.const([1] * T)
+    dls = g("Split", [g("Gather", [dlt_c, it], axis=0), ones], n_out=T, axis=0)   # T × (1, b, 1, d)
+    dus = g("Split", [g("Gather", [du_c, it], axis=0), ones], n_out=T, axis=0)    # T × (1, b, 1, d)
+    bs = g("Split", [g("Gather", [b_c, it], axis=0), ones], n_out=T, axis=0)      # T × (1, b, n, 1)
+    ci = g("Gather", [c_c, it], axis=0)                                           # (T, b, 1, n)
+    h, states = h_in, []
+    for t in range(T):
+        decay = g("Exp", [g("Mul", [dls[t], a_t])])                          # (1, b, n, d)
+        h = g("Add", [g("Mul", [decay, h]), g("Mul", [dus[t], bs[t]])])      # (1, b, n, d)
+        states.append(h)
+    hs = g("Concat", states, axis=0)                                         # (T, b, n, d)
+    y_chunk = g("MatMul", [ci, hs])                                          # (T, b, 1, d): h·C
+    g.nodes.append(helper.make_node("Identity", [cond_in], ["body_cond_out"], name="body_Identity_cond"))
+    g.nodes.append(helper.make_node("Identity", [h], ["body_h_out"], name="body_Identity_h"))
+    g.nodes.append(helper.make_node("Identity", [y_chunk], ["body_y"], name="body_Identity_y"))
+    body = helper.make_graph(
+        g.nodes, "selective_scan_chunk",
+        [helper.make_tensor_value_info(it, TensorProto.INT64, []),
+         helper.make_tensor_value_info(cond_in, TensorProto.BOOL, []),
+         helper.make_tensor_value_info(h_in, TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("body_cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("body_h_out", TensorProto.FLOAT, None),
+         helper.make_tensor_value_info("body_y", TensorProto.FLOAT, None)])
+    trip = f("Squeeze", [n_chunks, c([0])])
+    # An explicit `true` condition: onnx's reference evaluator skips a Loop whose cond is omitted.
+    h_last, y_chunks = f("Loop", [trip, c(True, np.bool_), h0], n_out=2, body=body)  # (1,b,n,d), (nc,T,b,1,d)
+    y = f("Reshape", [y_chunks, f("Concat", [c([-1]), batch, d_inner], axis=0)])
+    y = f("Slice", [y, c([0]), length, c([0])])                              # (l, b, d)
+    y = f("Transpose", [y], perm=[1, 2, 0])                                  # (b, d, l)
+    if spec.has_D:
+        y = f("Add", [y, f("Mul", ["u", f("Unsqueeze", ["D", c([-1])])])])
+    if spec.has_z:
+        y = f("Mul", [y, f("Mul", ["z", f("Sigmoid", ["z"])])])
+    f.nodes.append(helper.make_node("Identity", [y], ["y"], name="ss_Identity_y"))
+    outputs = ["y"]
+    if spec.return_last_state:
+        f.nodes.append(helper.make_node("Transpose", [f("Squeeze", [h_last, c([0])])], ["final_state"],
+                                        perm=[0, 2, 1], name="ss_Transpose_h"))
+        outputs.append("final_state")
+    return helper.make_function(SCAN_DOMAIN, SCAN_OP_TYPE, inputs, outputs, f.nodes,
+                                [helper.make_opsetid("", opset)], attributes=list(spec.attributes()))
+
+
+# ------------------------------------------------------------------ Q/DQ rewriting
+
+def _qtype(bits: int, signed: bool) -> int:
+    table = {(8, True): TensorProto.INT8, (8, False): TensorProto.UINT8, (16, True): TensorProto.INT16,
+             (16, False): TensorProto.UINT16, (4, True): TensorProto.INT4, (4, False): TensorProto.UINT4}
+    if (bits, signed) not in table:
+        raise MQExportError(f"{bits}-bit quantization cannot be exported (8 and 16-bit activations, "
+                            f"8 and 4-bit weights)")
+    return table[(bits, signed)]
+
+
+def _owners(model: nn.Module) -> dict[str, nn.Module]:
+    """Every name of every parameter (tied ones under all their names) → the module holding it."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+    out = {}
+    for name, _ in model.named_parameters(remove_duplicate=False):
+        out[name] = modules[name.rpartition(".")[0]]
+    return out
+
+
+def _weight_quant_for(model: nn.Module, param_name: str) -> tuple[WeightQuant | None, Tensor]:
+    params = dict(model.named_parameters(remove_duplicate=False))
+    if param_name not in params:
+        return None, None  # type: ignore[return-value]
+    weight = params[param_name].detach()
+    # Tied parameters: the one that carries weight_quant decides (e.g. a quantized lm_head).
+    for name, owner in _owners(model).items():
+        if params[name] is params[param_name] and isinstance(owner, nn.Linear):
+            wq = getattr(owner, "weight_quant", None)
+            if isinstance(wq, WeightQuant):
+                return wq, weight
+    return None, weight
+
+
+def _rewrite_markers(proto: onnx.ModelProto, model: nn.Module, trace: _Trace, info: ExportInfo,
+                     opset: int) -> onnx.ModelProto:
+    import onnx_graphsurgeon as gs
+
+    graph = gs.import_onnx(proto)
+    tensors = graph.tensors()
+    for node in list(graph.nodes):
+        if node.domain != MARK_DOMAIN:
+            continue
+        out = node.outputs[0]
+        if node.op == "Site":
+            site = node.attrs["site"]
+            p = trace.sites[site]
+            qtype = _qtype(p.bits, p.signed)
+            if p.bits == 16 and opset < INT4_OPSET:
+                raise MQExportError(f"16-bit activation Q/DQ needs opset {INT4_OPSET} or later; pass --opset 21")
+            zp_np = helper.tensor_dtype_to_np_dtype(qtype)
+            scale = gs.Constant(f"{site}.act_scale", np.asarray(p.scale, np.float32))
+            zp = gs.Constant(f"{site}.act_zero_point", np.asarray(p.zero_point, zp_np))
+            q = gs.Variable(f"{site}.quantized", dtype=zp_np)
+            graph.nodes.append(gs.Node("QuantizeLinear", f"{site}/QuantizeLinear", inputs=[node.inputs[0], scale, zp],
+                                       outputs=[q]))
+            graph.nodes.append(gs.Node("DequantizeLinear", f"{site}/DequantizeLinear", inputs=[q, scale, zp],
+                                       outputs=[out]))
+            info.activation_sites.append(site)
+        else:  # Weight: [out, in] parameter → [in, out] MatMul operand
+            src = node.inputs[0]
+            param = src.name
+            wq, weight = _weight_quant_for(model, param) if isinstance(src, gs.Constant) else (None, None)
+            if weight is None:       # not a parameter: transpose at run time
+                graph.nodes.append(gs.Node("Transpose", f"{out.name}/Transpose", attrs={"perm": [1, 0]},
+                                           inputs=[src], outputs=[out]))
+            elif wq is None:
+                const = gs.Constant(f"{param}.T", np.ascontiguousarray(weight.numpy().T))
+                _replace_uses(graph, out, const)
+            else:
+                graph.nodes.append(_weight_dq(gs, param, weight, wq, out, opset, info))
+        node.outputs.clear()
+        node.inputs.clear()
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    del tensors
+    return gs.export_onnx(graph, do_type_check=False)
+
+
+def _replace_uses(graph, old, new) -> None:
+    for consumer in list(old.outputs):
+        for i, t in enumerate(consumer.inputs):
+            if t is old:
+                consumer.inputs[i] = new
+    for i, t in enumerate(graph.outputs):
+        if t is old:
+            graph.outputs[i] = new
+
+
+def _weight_dq(gs, param: str, weight: Tensor, wq: WeightQuant, out, opset: int, info: ExportInfo):
+    out_f, in_f = weight.shape
+    if wq.bits == 4 and opset < INT4_OPSET:
+        raise MQExportError(f"INT4 weights need opset {INT4_OPSET} or later (got --opset {opset})")
+    if wq.group_size is not None and opset < INT4_OPSET:
+        raise MQExportError(f"block-quantized weights (group_size) need opset {INT4_OPSET} or later "
+                            f"(got --opset {opset})")
+    qtype = _qtype(wq.bits, True)
+    codes = wq.quantize(weight).numpy().T.astype(np.int8)                    # (in, out)
+    attrs: dict = {}
+    if wq.group_size is None:
+        scale = wq.scale.detach().float().numpy().reshape(out_f)
+        attrs["axis"] = 1
+        zp_shape: tuple = (out_f,)
+        kind = "per-channel"
+    else:
+        if in_f % wq.group_size:
+            raise MQExportError(f"{param}: in_features {in_f} is not a multiple of group_size {wq.group_size}")
+        scale = np.ascontiguousarray(wq.scale.detach().float().numpy().T)     # (in/g, out)
+        attrs.update(axis=0, block_size=int(wq.group_size))
+        zp_shape = scale.shape
+        kind = f"blocked(block_size={wq.group_size}, input axis)"
+    codes_t = _int_tensor(f"{param}.T.quantized", codes, qtype)
+    zp_t = _int_tensor(f"{param}.T.zero_point", np.zeros(zp_shape, np.int8), qtype)
+    info.quantized_weights[param] = f"int{wq.bits} {kind}"
+    return gs.Node("DequantizeLinear", f"{param}/DequantizeLinear", attrs=attrs,
+                   inputs=[_const_from_proto(gs, codes_t), gs.Constant(f"{param}.T.scale", scale.astype(np.float32)),
+                           _const_from_proto(gs, zp_t)],
+                   outputs=[out])
+
+
+def _int_tensor(name: str, values: np.ndarray, qtype: int) -> onnx.TensorProto:
+    if qtype in (TensorProto.INT4, TensorProto.UINT4):
+        return helper.make_tensor(name, qtype, values.shape, values.flatten().tolist())
+    return numpy_helper.from_array(values.astype(helper.tensor_dtype_to_np_dtype(qtype)), name)
+
+
+def _const_from_proto(gs, tensor: onnx.TensorProto):
+    if tensor.data_type in (TensorProto.INT4, TensorProto.UINT4):
+        # graphsurgeon keeps a lazily-loaded proto as-is, so the packed INT4 bytes survive unchanged.
+        return gs.Constant(tensor.name, gs.ir.tensor.LazyValues(tensor))
+    return gs.Constant(tensor.name, numpy_helper.to_array(tensor))
+
+
+# ------------------------------------------------------------------ public API
+
+def export_module(model: nn.Module, args: tuple, path: str | Path | None = None, *,
+                  input_names: Sequence[str], output_names: Sequence[str],
+                  dynamic_axes: dict[str, dict[int, str]] | None = None, opset: int | None = None,
+                  chunk: int = DEFAULT_CHUNK, check: bool = True) -> tuple[onnx.ModelProto, ExportInfo]:
+    """Export `model(*args)` to ONNX: one `SelectiveScan` node (+ local function) per scan call,
+    Q/DQ at every `ActivationSite` with a `FakeQuantize`, integer weights for Linears with
+    `weight_quant`. `dynamic_axes` maps input/output names to {axis: dim name}. Returns the model
+    (also written to `path` if given) and what was exported. Deterministic for the same inputs."""
+    wants_int4 = any(getattr(m, "weight_quant", None) is not None and
+                     (m.weight_quant.bits == 4 or m.weight_quant.group_size is not None)
+                     for m in model.modules())
+    wants_16 = any(isinstance(getattr(m, "quantizer", None), FakeQuantize) and m.quantizer.params.bits == 16
+                   for m in model.modules())
+    if opset is None:
+        opset = INT4_OPSET if (wants_int4 or wants_16) else MIN_OPSET
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise MQExportError(f"opset {opset} is not supported; choose {MIN_OPSET}–{MAX_OPSET} "
+                            f"({INT4_OPSET} or later for INT4 weights)")
+    info = ExportInfo(opset=opset)
+    trace = _Trace()
+    # A strided view as example input makes torch.export trace aten.sym_stride, which has no ONNX op.
+    args = tuple(a.detach().clone().contiguous() if isinstance(a, Tensor) else a for a in args)
+    model = model.eval()
+    with _tracing_patches(model, trace), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dynamic_shapes = None
+        if dynamic_axes:
+            dynamic_shapes = tuple({axis: torch.export.Dim.DYNAMIC for axis in dynamic_axes.get(name, {})} or None
+                                   for name in input_names)
+        sink = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(sink):
+                program = torch.onnx.export(model, tuple(args), dynamo=True, input_names=list(input_names),
+                                            output_names=list(output_names), opset_version=opset,
+                                            dynamic_shapes=dynamic_shapes, optimize=True, verbose=False)
+        except MQExportError:
+            raise
+        except Exception as exc:
+            raise MQExportError(f"torch.onnx.export failed for {type(model).__name__}: "
+                                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+    proto = program.model_proto
+    specs = set(trace.specs)
+    if len(specs) > 1:
+        raise MQExportError("the model calls selective_scan with different settings "
+                            f"({sorted(map(str, specs))}); one export holds one SelectiveScan variant")
+    spec = next(iter(specs)) if specs else None
+    info.scan_nodes = len(trace.specs)
+    info.scan_spec = dict(spec.attributes()) if spec is not None else {}
+    proto = _rewrite_markers(proto, model, trace, info, opset)
+    proto = _finish(proto, spec, opset, chunk, input_names, output_names, dynamic_axes)
+    if check:
+        check_model(proto)
+    if path is not None:
+        Path(path).write_bytes(proto.SerializeToString())
+    return proto, info
+
+
+def _finish(proto: onnx.ModelProto, spec: SelectiveScanSpec | None, opset: int, chunk: int,
+            input_names, output_names, dynamic_axes) -> onnx.ModelProto:
+    """Opset, function, names of dynamic dims, metadata; stable bytes."""
+    domains = {o.domain: o.version for o in proto.opset_import}
+    domains[""] = opset
+    if spec is not None:
+        domains[SCAN_DOMAIN] = SCAN_DOMAIN_VERSION
+        del proto.functions[:]
+        proto.functions.append(scan_function(spec, opset, chunk))
+    domains.pop(MARK_DOMAIN, None)
+    del proto.opset_import[:]
+    proto.opset_import.extend(helper.make_opsetid(d, v) for d, v in sorted(domains.items()))
+    proto.ir_version = 10 if opset >= 21 else 8
+    # Caller's names for the dynamic dimensions.
+    for value in list(proto.graph.input) + list(proto.graph.output):
+        axes = (dynamic_axes or {}).get(value.name, {})
+        dims = value.type.tensor_type.shape.dim
+        for axis, dim_name in axes.items():
+            if axis < len(dims):
+                dims[axis].Clear()
+                dims[axis].dim_param = dim_name
+    del proto.graph.value_info[:]
+    del proto.metadata_props[:]
+    proto.producer_name, proto.producer_version = "mq-export", _version()
+    proto.doc_string = ""
+    proto.graph.doc_string = ""
+    for node in proto.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    return onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=True)
+
+
+def _version() -> str:
+    from . import __version__
+    return __version__
+
+
+def check_model(proto: onnx.ModelProto) -> None:
+    """onnx.checker (full check) and strict shape inference; raises MQExportError."""
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+        onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
+    except Exception as exc:
+        raise MQExportError(f"exported model fails the ONNX checker: {str(exc).splitlines()[0]}") from exc
+
+
+def export_onnx(model: nn.Module, path: str | Path | None = None, *, opset: int | None = None,
+                chunk: int = DEFAULT_CHUNK, check: bool = True) -> tuple[onnx.ModelProto, ExportInfo]:
+    """Export a bundled-family classifier (`x` (batch, length, d_input) → `logits` (batch, classes))
+    or a `MambaLMHeadModel` (`input_ids` (batch, length) int64 → `logits` (batch, length, vocab)),
+    with dynamic batch and length. Other modules: use `export_module` with your own names/axes."""
+    from .model import MambaLMHeadModel, MambaSequenceClassifier
+
+    gen = torch.Generator().manual_seed(0)
+    batch, length = 2, 37    # example sizes equal to no static dimension, so neither gets specialised
+    if isinstance(model, MambaLMHeadModel):
+        args = (torch.randint(0, model.cfg.vocab_size, (batch, length), generator=gen),)
+        names, axes = ["input_ids"], {"input_ids": {0: "batch", 1: "length"}, "logits": {0: "batch", 1: "length"}}
+    elif isinstance(model, MambaSequenceClassifier):
+        args = (torch.randn(batch, length, model.cfg.d_input, generator=gen),)
+        names, axes = ["x"], {"x": {0: "batch", 1: "length"}, "logits": {0: "batch"}}
+    else:
+        raise MQExportError(f"export_onnx knows MambaSequenceClassifier and MambaLMHeadModel, not "
+                            f"{type(model).__name__}; call export_module with input/output names and axes")
+    return export_module(model, args, path, input_names=names, output_names=["logits"], dynamic_axes=axes,
+                         opset=opset, chunk=chunk, check=check)
