@@ -16,7 +16,7 @@ def node_description(op_type: str, attributes: dict[str, int | str]) -> str:
     flags = {f.name: bool(attributes[f.name]) for f in dataclasses.fields(SelectiveScanSpec)}
     spec = SelectiveScanSpec(**flags)
     lines = [f"op_type {op_type}"]
-    for name, value in attributes.items():
+    for name, value in sorted(attributes.items()):  # canonical order: ONNX nodes sort attributes
         if isinstance(value, str) and (not value or any(c.isspace() for c in value)):
             raise ValueError(f"attribute {name}={value!r}: empty or whitespace strings cannot be described")
         lines.append(f"{'string' if isinstance(value, str) else 'int'} {name} {value}")
