@@ -1,0 +1,211 @@
+"""ONNX export: graph contract (one SelectiveScan node + local function, Q/DQ at the sites),
+numerics against PyTorch in ONNX Runtime and onnx's reference evaluator, and bad input."""
+import hashlib
+import logging
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx.reference import ReferenceEvaluator
+
+from mq_export import ort as mq_ort
+from mq_export.errors import MQExportError
+from mq_export.export import export_module, export_onnx, scan_function
+from mq_export.loaders import load_classifier
+from mq_export.model import LMConfig, MambaLMHeadModel, MixerConfig
+from mq_export.ops import SCAN_DOMAIN, SCAN_OP_TYPE, SCAN_PLUGIN_NAMESPACE, SCAN_PLUGIN_VERSION, SelectiveScanSpec
+from mq_export.qspec import ActQuant, FakeQuantize, WeightQuant
+from mq_export.scan import selective_scan_reference
+from tests.conftest import random_scan_inputs
+
+logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    return load_classifier()
+
+
+@pytest.fixture(scope="module")
+def fp32_export(classifier):
+    return export_onnx(classifier)
+
+
+def _rel(a, b):
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def _fake_quantize(model, x, bits=8, group=None):
+    """Hand-built quantizers in the qspec contract: max-calibrated sites, RTN weights."""
+    peaks = {}
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: peaks.__setitem__(n, float(o.abs().max())))
+             for n, m in model.named_modules() if hasattr(m, "quantizer")]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    for name, m in model.named_modules():
+        if hasattr(m, "quantizer"):
+            m.quantizer = FakeQuantize(ActQuant(scale=peaks[name] / 127))
+        if isinstance(m, torch.nn.Linear) and m.in_features >= 4:
+            w, qmax = m.weight.data, 2 ** (bits - 1) - 1
+            g = group if group and m.in_features % group == 0 else None
+            scale = (w.reshape(w.shape[0], -1, g).abs().amax(-1) if g else w.abs().amax(1)) / qmax
+            wq = WeightQuant(scale=scale, bits=bits, group_size=g)
+            m.weight.data = wq.dequantize(wq.quantize(w))
+            m.weight_quant = wq
+    return model
+
+
+def test_graph_has_one_scan_node_per_layer_with_plugin_attributes(fp32_export):
+    proto, info = fp32_export
+    scans = [n for n in proto.graph.node if n.op_type == SCAN_OP_TYPE]
+    assert len(scans) == 2 == info.scan_nodes
+    spec = SelectiveScanSpec()
+    for node in scans:
+        assert node.domain == SCAN_DOMAIN and len(node.input) == len(spec.input_names())
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert attrs["plugin_version"] == SCAN_PLUGIN_VERSION.encode()
+        assert attrs["plugin_namespace"] == SCAN_PLUGIN_NAMESPACE.encode()
+        assert attrs["delta_softplus"] == 1 and attrs["has_z"] == 1
+    [fn] = proto.functions
+    assert (fn.domain, fn.name) == (SCAN_DOMAIN, SCAN_OP_TYPE)
+    assert list(fn.input) == spec.input_names()
+    assert not any(n.domain for n in proto.graph.node if n.op_type != SCAN_OP_TYPE)
+    opsets = {o.domain: o.version for o in proto.opset_import}
+    assert opsets[""] >= 17 and opsets[SCAN_DOMAIN] == 1
+    onnx.checker.check_model(proto, full_check=True)
+    dims = [d.dim_param for d in proto.graph.input[0].type.tensor_type.shape.dim]
+    assert dims[:2] == ["batch", "length"]
+
+
+@pytest.mark.parametrize("length", [100, 333])
+def test_ort_function_body_matches_pytorch(classifier, fp32_export, length):
+    x = torch.randn(3, length, 1)
+    with torch.no_grad():
+        ref = classifier(x).numpy()
+    out = mq_ort.OrtForward(mq_ort.session(fp32_export[0]))(x).numpy()
+    assert _rel(out, ref) < 1e-4
+
+
+def test_reference_evaluator_matches_pytorch(classifier, fp32_export):
+    x = torch.randn(2, 21, 1)
+    with torch.no_grad():
+        ref = classifier(x).numpy()
+    out = ReferenceEvaluator(fp32_export[0]).run(None, {"x": x.numpy()})[0]
+    assert _rel(out, ref) < 1e-4
+
+
+@pytest.mark.parametrize("spec", [SelectiveScanSpec(), SelectiveScanSpec(has_z=False),
+                                  SelectiveScanSpec(delta_softplus=False, has_D=False, has_delta_bias=False),
+                                  SelectiveScanSpec(has_initial_state=True, return_last_state=True)])
+@pytest.mark.parametrize("length", [1, 23, 40])
+def test_scan_function_body_matches_reference(spec, length):
+    """The function body alone, every variant, lengths below/at/above whole chunks."""
+    import onnxruntime as ort
+
+    t = random_scan_inputs(length=length)
+    t["initial_state"] = torch.randn(2, 6, 4)
+    fn = scan_function(spec, 18, chunk=8)
+    names = spec.input_names()
+    node = onnx.helper.make_node(SCAN_OP_TYPE, names, spec.output_names(), domain=SCAN_DOMAIN, **spec.attributes())
+    vi = lambda n: onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)  # noqa: E731
+    graph = onnx.helper.make_graph([node], "g", [vi(n) for n in names], [vi(n) for n in spec.output_names()])
+    model = onnx.helper.make_model(graph, functions=[fn], opset_imports=[onnx.helper.make_opsetid("", 18),
+                                                                        onnx.helper.make_opsetid(SCAN_DOMAIN, 1)])
+    feed = {n: t[n].numpy() for n in names}
+    ref = selective_scan_reference(**{n: t[n] for n in names}, delta_softplus=spec.delta_softplus,
+                                   return_last_state=spec.return_last_state)
+    ref = ref if isinstance(ref, tuple) else (ref,)
+    for out in (ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed),
+                ReferenceEvaluator(model).run(None, feed)):
+        for o, r in zip(out, ref):
+            np.testing.assert_allclose(o, r.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_long_sequence_small_decay_is_finite():
+    """Tiny Δ·A for thousands of steps, then large Δ: no overflow/NaN in the body."""
+    import onnxruntime as ort
+
+    spec = SelectiveScanSpec(has_z=False)
+    t = random_scan_inputs(length=3000)
+    t["delta"][..., :2000] = -30.0      # softplus → ~1e-13
+    t["delta"][..., 2000:] = 30.0
+    fn = scan_function(spec, 18)
+    names = spec.input_names()
+    node = onnx.helper.make_node(SCAN_OP_TYPE, names, ["y"], domain=SCAN_DOMAIN, **spec.attributes())
+    vi = lambda n: onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)  # noqa: E731
+    model = onnx.helper.make_model(onnx.helper.make_graph([node], "g", [vi(n) for n in names], [vi("y")]),
+                                   functions=[fn], opset_imports=[onnx.helper.make_opsetid("", 18),
+                                                                  onnx.helper.make_opsetid(SCAN_DOMAIN, 1)])
+    out = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {n: t[n].numpy() for n in names})[0]
+    ref = selective_scan_reference(**{n: t[n] for n in names}, delta_softplus=True)
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out, ref.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_export_is_deterministic(classifier, fp32_export):
+    again, _ = export_onnx(classifier)
+    assert hashlib.sha256(again.SerializeToString()).digest() == \
+        hashlib.sha256(fp32_export[0].SerializeToString()).digest()
+
+
+def test_lm_exports_with_head(tmp_path):
+    lm = MambaLMHeadModel(LMConfig(mixer=MixerConfig(d_model=32), n_layer=2, vocab_size=50)).eval()
+    proto, info = export_onnx(lm, tmp_path / "lm.onnx")
+    assert info.scan_nodes == 2 and (tmp_path / "lm.onnx").is_file()
+    sess = mq_ort.session(tmp_path / "lm.onnx")
+    for length in (3, 29):
+        ids = torch.randint(0, 50, (2, length))
+        with torch.no_grad():
+            ref = lm(ids).numpy()
+        out = sess.run(None, {"input_ids": ids.numpy()})[0]
+        assert out.shape == ref.shape and _rel(out, ref) < 1e-4
+
+
+def _qdq_nodes(proto):
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
+    return [n for n in proto.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")], inits
+
+
+@pytest.mark.parametrize("bits,group", [(8, None), (4, 64), (4, None)])
+def test_qdq_export_matches_fake_quant(bits, group):
+    model = _fake_quantize(load_classifier(), torch.randn(8, 100, 1), bits=bits, group=group)
+    proto, info = export_onnx(model)
+    nodes, inits = _qdq_nodes(proto)
+    sites = [n for n, m in model.named_modules() if isinstance(getattr(m, "quantizer", None), FakeQuantize)]
+    assert sorted(info.activation_sites) == sorted(sites)
+    assert sum(n.op_type == "QuantizeLinear" for n in nodes) == len(sites)
+    for n in nodes:
+        assert len(n.input) == 3 and not inits[n.input[2]].any(), f"{n.name}: zero point not 0"
+        if n.op_type == "QuantizeLinear":
+            assert inits[n.input[1]].shape == ()
+    weight_dq = [n for n in nodes if n.input[0] in inits]
+    assert len(weight_dq) == len(info.quantized_weights) == 9
+    expected_type = onnx.TensorProto.INT8 if bits == 8 else onnx.TensorProto.INT4
+    for n in weight_dq:
+        init = next(i for i in proto.graph.initializer if i.name == n.input[0])
+        assert init.data_type == expected_type
+    if group:
+        assert any(a.name == "block_size" and a.i == group for n in weight_dq for a in n.attribute)
+    assert {o.domain: o.version for o in proto.opset_import}[""] == (21 if bits == 4 else 18)
+    x = torch.randn(4, 70, 1)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    out = mq_ort.OrtForward(mq_ort.session(proto))(x).numpy()
+    assert _rel(out, ref) < 1e-3 and (out.argmax(-1) == ref.argmax(-1)).all()
+
+
+def test_bad_opset_and_int4_without_opset_21(classifier):
+    with pytest.raises(MQExportError, match="opset 12 is not supported"):
+        export_onnx(classifier, opset=12)
+    model = _fake_quantize(load_classifier(), torch.randn(2, 30, 1), bits=4, group=64)
+    with pytest.raises(MQExportError, match="opset 21"):
+        export_onnx(model, opset=18)
+
+
+def test_export_module_rejects_unknown_module():
+    with pytest.raises(MQExportError, match="export_module"):
+        export_onnx(torch.nn.Linear(2, 2))
