@@ -17,6 +17,19 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _build_engine(args: argparse.Namespace) -> int:
+    from .engine import build_engine, equivalent_commands, parse_profile
+    profiles = [parse_profile(text) for text in args.profile] or [{}]
+    if args.print_commands:
+        for name, line in equivalent_commands(args.model, args.plugin, args.output, args.fp16, profiles[0]).items():
+            print(f"{name}: {line}")
+        return 0
+    out = build_engine(args.model, args.plugin, args.output, fp16=args.fp16, profiles=profiles,
+                       workspace_bytes=args.workspace_mb * 2**20 if args.workspace_mb else None)
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .bundled import BUNDLED
     from .demo import METHODS
@@ -35,6 +48,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", action="store_true", help="print report.json to stdout (no progress bars)")
     demo.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     demo.set_defaults(func=_demo)
+
+    engine = sub.add_parser("build-engine", help="build a TensorRT engine from an exported ONNX file "
+                            "(needs TensorRT and the plugin library from plugins/)")
+    engine.add_argument("model", metavar="MODEL.onnx")
+    engine.add_argument("--plugin", required=True, metavar="PATH", help="libmq_trt_plugins.so")
+    engine.add_argument("-o", "--output", required=True, metavar="ENGINE")
+    engine.add_argument("--fp16", action="store_true", help="allow FP16 kernels (FP32 graphs only; Q/DQ graphs "
+                        "are built strongly typed)")
+    engine.add_argument("--profile", action="append", default=[], metavar="DIM=MIN:OPT:MAX,...",
+                        help="one optimization profile over dynamic dims, e.g. batch=1:8:32,length=1:784:784; "
+                        "repeat for more profiles")
+    engine.add_argument("--workspace-mb", type=int, default=None)
+    engine.add_argument("--print-commands", action="store_true",
+                        help="print the equivalent trtexec/polygraphy command lines instead of building")
+    engine.set_defaults(func=_build_engine)
     return parser
 
 

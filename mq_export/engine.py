@@ -167,7 +167,9 @@ def build_engine(onnx_path: str | Path, plugin_path: str | Path, out_path: str |
     if serialized is None:
         raise MQExportError(f"TensorRT could not build an engine from {onnx_path}; see the TensorRT log above")
     out = Path(out_path)
-    out.write_bytes(bytes(serialized))
+    partial = out.with_name(f".{out.name}.partial")
+    partial.write_bytes(bytes(serialized))
+    partial.replace(out)  # never a half-written engine under the final name
     return out
 
 
