@@ -1,0 +1,233 @@
+"""Calibration: one streamed pass of calibration batches through a model, with hooks on every
+`ActivationSite`, and the activation-range calibrators that turn the collected summaries into
+static quantization parameters.
+
+Per site the pass keeps (memory O(d²) per site, independent of the number of samples):
+per-channel abs-max, the fp64 second-moment matrix Σxxᵀ and Σx (for KLT rotations and GPTQ
+Hessians), and a signed histogram whose range doubles when a batch exceeds it (the bounded
+summary the `percentile`, `mse` and `entropy` calibrators read).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from .data import Split
+from .errors import MQExportError
+from .evaluate import progress_enabled
+from .model import ActivationSite
+from .qspec import ActQuant
+
+CALIBRATORS = ("absmax", "percentile", "mse", "entropy")
+HIST_HALF_BINS = 1024          # bins per sign; the |x| histogram has this many
+
+
+@dataclass
+class SiteStats:
+    """Running summary of the activations seen at one site (last dimension = channels)."""
+    channels: int
+    count: int = 0
+    absmax: Tensor | None = None            # (d,) per-channel max |x|
+    sum: Tensor | None = None               # (d,) fp64
+    sum_outer: Tensor | None = None         # (d, d) fp64 Σ x xᵀ
+    hist: Tensor | None = None              # (2·HIST_HALF_BINS,) counts over [-hist_range, hist_range]
+    hist_range: float = 0.0
+    min: float = math.inf
+    max: float = -math.inf
+
+    def update(self, x: Tensor, covariance: bool) -> None:
+        x = x.detach().reshape(-1, self.channels).float()
+        amax = x.abs().amax(0)
+        self.absmax = amax if self.absmax is None else torch.maximum(self.absmax, amax)
+        self.min, self.max = min(self.min, float(x.min())), max(self.max, float(x.max()))
+        if covariance:
+            xd = x.double()
+            self.sum = xd.sum(0) if self.sum is None else self.sum + xd.sum(0)
+            self.sum_outer = xd.T @ xd if self.sum_outer is None else self.sum_outer + xd.T @ xd
+        self.count += x.shape[0]
+        self._histogram(x, float(amax.max()))
+
+    def _histogram(self, x: Tensor, batch_absmax: float) -> None:
+        if self.hist is None:
+            self.hist = torch.zeros(2 * HIST_HALF_BINS, dtype=torch.float64)
+            self.hist_range = max(batch_absmax, 1e-12)
+        while batch_absmax > self.hist_range:
+            # Double the range: adjacent pairs merge and the old bins move to the middle half.
+            merged = self.hist.view(-1, 2).sum(1)
+            self.hist = torch.zeros_like(self.hist)
+            self.hist[HIST_HALF_BINS // 2: HIST_HALF_BINS // 2 + HIST_HALF_BINS] = merged
+            self.hist_range *= 2
+        r = self.hist_range
+        self.hist += torch.histc(x, bins=2 * HIST_HALF_BINS, min=-r, max=r).double()
+
+    @property
+    def second_moment(self) -> Tensor:
+        """E[x xᵀ] (fp64): the KLT covariance and the GPTQ Hessian (up to a factor)."""
+        return self.sum_outer / max(self.count, 1)
+
+    @property
+    def mean(self) -> Tensor:
+        return self.sum / max(self.count, 1)
+
+
+@dataclass
+class CalibrationStats:
+    """What `calibrate` hands `quantize`: per-site statistics of the FP model, plus the
+    calibration inputs (kept by reference) and the FP logits of the calibrator-selection subset."""
+    split: str
+    inputs: Tensor
+    sites: dict[str, SiteStats]
+    selection_logits: Tensor
+    batch_size: int = 64
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def selection_inputs(self) -> Tensor:
+        return self.inputs[:len(self.selection_logits)]
+
+
+def activation_sites(model: nn.Module) -> dict[str, ActivationSite]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, ActivationSite)}
+
+
+@torch.inference_mode()
+def collect_site_stats(model: nn.Module, inputs: Tensor, batch_size: int = 64, covariance: bool = True,
+                       keep_logits: int = 0, desc: str = "calibrate",
+                       quiet: bool = False) -> tuple[dict[str, SiteStats], Tensor]:
+    """Stream `inputs` once through `model`, summarising every ActivationSite's input.
+    Returns (site stats, logits of the first `keep_logits` samples)."""
+    torch.set_flush_denormal(True)
+    stats: dict[str, SiteStats] = {}
+    handles = []
+    for name, site in activation_sites(model).items():
+        def hook(_module, args, name=name):
+            x = args[0]
+            stats.setdefault(name, SiteStats(x.shape[-1])).update(x, covariance)
+        handles.append(site.register_forward_pre_hook(hook))
+    logits = []
+    try:
+        for start in tqdm(range(0, len(inputs), batch_size), desc=desc, unit="batch",
+                          disable=not progress_enabled(quiet), leave=False):
+            out = model(inputs[start:start + batch_size])
+            if start < keep_logits:
+                logits.append(out[:keep_logits - start].float())
+    finally:
+        for h in handles:
+            h.remove()
+    return stats, (torch.cat(logits) if logits else torch.empty(0))
+
+
+def _fingerprints(x: Tensor) -> set[str]:
+    return {hashlib.sha1(row.numpy().tobytes()).hexdigest() for row in x.detach().cpu().contiguous()}
+
+
+_RANGE = re.compile(r"^(.*)\[(\d+):(\d+)\]$")
+
+
+def check_calibration_split(split: Split, exclude: tuple[Split, ...] = ()) -> None:
+    """Refuse empty, non-finite or evaluation-overlapping calibration data."""
+    if len(split.inputs) == 0:
+        raise MQExportError(f"calibration split {split.name!r} is empty")
+    if split.inputs.is_floating_point() and not torch.isfinite(split.inputs).all():
+        raise MQExportError(f"calibration split {split.name!r} contains NaN or Inf values")
+    for other in exclude:
+        a, b = _RANGE.match(split.name), _RANGE.match(other.name)
+        by_name = (a and b and a.group(1) == b.group(1)
+                   and int(a.group(2)) < int(b.group(3)) and int(b.group(2)) < int(a.group(3)))
+        if by_name or _fingerprints(split.inputs) & _fingerprints(other.inputs):
+            raise MQExportError(f"calibration split {split.name!r} overlaps the evaluation split "
+                                f"{other.name!r}; calibrate on data disjoint from what you evaluate")
+
+
+def calibrate(model: nn.Module, split: Split, exclude: tuple[Split, ...] = (), batch_size: int = 64,
+              selection_samples: int = 256, quiet: bool = False) -> CalibrationStats:
+    """Stream the calibration split once through the FP `model`. `exclude`: splits (the
+    evaluation split) the calibration data must not overlap."""
+    check_calibration_split(split, tuple(exclude))
+    sites, logits = collect_site_stats(model, split.inputs, batch_size, keep_logits=selection_samples,
+                                       quiet=quiet)
+    return CalibrationStats(split=split.name, inputs=split.inputs, sites=sites, selection_logits=logits,
+                            batch_size=batch_size)
+
+
+# --- activation range calibrators (symmetric thresholds on a |x| histogram) ------------------
+
+def _threshold(hist: np.ndarray, width: float, exact_max: float, method: str, levels: int,
+               percentile: float) -> float:
+    """Clipping threshold t for |x| given its histogram (bins of `width` from 0)."""
+    total = hist.sum()
+    if total == 0 or exact_max == 0:
+        return exact_max
+    if method == "absmax":
+        return exact_max
+    edges = width * np.arange(1, len(hist) + 1)
+    if method == "percentile":
+        idx = int(np.searchsorted(np.cumsum(hist) / total, percentile / 100.0))
+        return float(min(edges[min(idx, len(hist) - 1)], exact_max))
+    centres = edges - width / 2
+    if method == "mse":
+        # Expected squared error per value: rounding noise step²/12 inside, (|x| − t)² when clipped.
+        cands = edges[max(0, len(hist) // 256 - 1)::max(1, len(hist) // 256)]
+        cands = np.unique(np.append(cands, exact_max))
+        steps = cands / levels
+        clipped = np.clip(centres[None, :] - cands[:, None], 0, None) ** 2
+        inside = (centres[None, :] <= cands[:, None]) * (steps[:, None] ** 2 / 12)
+        err = ((clipped + inside) * hist[None, :]).sum(1)
+        return float(cands[int(np.argmin(err))])
+    if method == "entropy":
+        return _kl_threshold(hist, edges, exact_max, levels + 1)
+    raise MQExportError(f"unknown calibrator {method!r}; choose from {', '.join(CALIBRATORS)} or auto")
+
+
+def _kl_threshold(hist: np.ndarray, edges: np.ndarray, exact_max: float, n_quant: int) -> float:
+    """TensorRT's entropy calibration: the threshold whose n_quant-level quantised histogram
+    has the least KL divergence from the (clipped) reference histogram."""
+    if n_quant >= len(hist):
+        return exact_max
+    best, best_t = math.inf, exact_max
+    for i in range(n_quant, len(hist) + 1, max(1, len(hist) // 256)):
+        p = hist[:i].copy()
+        p[-1] += hist[i:].sum()
+        groups = np.array_split(np.arange(i), n_quant)
+        q = np.zeros(i)
+        for g in groups:
+            nonzero = hist[g] > 0
+            if nonzero.any():
+                q[g[nonzero]] = hist[g].sum() / nonzero.sum()
+        q[-1] += hist[i:].sum() * (q[-1] > 0)
+        mask = p > 0
+        p_n, q_n = p / p.sum(), q / max(q.sum(), 1e-30)
+        kl = float(np.sum(p_n[mask] * np.log(p_n[mask] / np.maximum(q_n[mask], 1e-30))))
+        if kl < best:
+            best, best_t = kl, float(edges[i - 1])
+    return min(best_t, exact_max)
+
+
+def activation_range(stats: SiteStats, method: str, bits: int = 8, asymmetric: bool = False,
+                     percentile: float = 99.99) -> ActQuant:
+    """Static per-tensor quantization parameters for one site with one calibrator."""
+    hist = stats.hist.numpy()
+    half = HIST_HALF_BINS
+    width = stats.hist_range / half
+    positive, negative = hist[half:], hist[:half][::-1]
+    if not asymmetric:
+        levels = 2 ** (bits - 1) - 1
+        t = _threshold(positive + negative, width, max(abs(stats.min), abs(stats.max)), method, levels,
+                       percentile)
+        return ActQuant(scale=max(t, 1e-12) / levels, zero_point=0, bits=bits)
+    # Asymmetric (ONNX Runtime only): each tail calibrated on its own half of the histogram.
+    levels = 2 ** bits - 1
+    hi = _threshold(positive, width, max(stats.max, 0.0), method, 2 ** (bits - 1), percentile)
+    lo = -_threshold(negative, width, max(-stats.min, 0.0), method, 2 ** (bits - 1), percentile)
+    scale = max(hi - lo, 1e-12) / levels
+    # zero_point 0 means "symmetric signed" in the qspec contract, so a one-signed range keeps one
+    # level below zero (zero_point ≥ 1).
+    zero_point = int(min(max(round(-lo / scale), 1), levels))
+    return ActQuant(scale=scale, zero_point=zero_point, bits=bits)

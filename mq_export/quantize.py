@@ -1,0 +1,221 @@
+"""The quantize stage: transforms (per method), weight quantization (clip-searched RTN or GPTQ)
+and static activation ranges (one calibrator, or `auto` selection), written onto the model as the
+qspec objects (`FakeQuantize` on ActivationSites, `weight_quant` on Linears) that the PyTorch
+fake-quant forward and the ONNX Q/DQ exporter both read.
+
+Quant-site table (`quant_sites`): every ActivationSite input (each Linear input, the scan's B and
+C) and every Linear weight. The h·C product of the paper is inside the one custom scan op here,
+so it is quantized through its operands outside the op: C (scan_C) and the scan output y (the
+out_proj input, after the gate and the online rotation). The scan recurrence, Δ softplus, D skip,
+conv1d, norms, biases and the model input stay in floating point.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .calibrate import (CALIBRATORS, CalibrationStats, SiteStats, activation_range, activation_sites,
+                        collect_site_stats)
+from .errors import MQExportError
+from .evaluate import batched_logits, kl_to_reference
+from .qspec import FakeQuantize, WeightQuant, int_range
+from .transforms import TransformConfig, apply_transforms, method_transforms
+
+METHODS = ("rtn", "smoothquant", "hadamard", "mambaquant")
+CLIP_RATIOS = torch.linspace(1.0, 0.5, 26).tolist()
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    method: str = "mambaquant"
+    w_bits: int = 8
+    a_bits: int = 8
+    calibrator: str = "auto"          # auto | absmax | percentile | mse | entropy
+    percentile: float = 99.99
+    asymmetric: bool = False          # asymmetric activations: ONNX Runtime only (TensorRT needs zp 0)
+    w_group_size: int | None = None   # weight blocks along the input dimension (TensorRT INT4)
+    gptq: bool | None = None          # None: GPTQ for 4-bit weights, clip-searched RTN for 8-bit
+    alpha: float = 0.5
+    seed: int = 0
+    klt: bool = True                  # False: MambaQuant with plain Hadamard rotations (ablation)
+
+    def transforms(self) -> TransformConfig:
+        if self.method not in METHODS:
+            raise MQExportError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
+        return method_transforms(self.method, self.alpha, self.seed, self.klt)
+
+    @property
+    def use_gptq(self) -> bool:
+        return self.w_bits <= 4 if self.gptq is None else self.gptq
+
+
+@dataclass
+class Prepared:
+    """A transformed FP model and the activation statistics of that model."""
+    model: nn.Module
+    sites: dict[str, SiteStats]
+    transforms: dict
+
+
+def quant_sites(model: nn.Module) -> list[tuple[str, str | None]]:
+    """(ActivationSite name, name of the Linear it feeds or None): site `P.sites.K` feeds Linear `P.K`."""
+    modules = dict(model.named_modules())
+    table = []
+    for name in activation_sites(model):
+        parent, _, key = name.rpartition(".sites.") if ".sites." in name else ("", "", name.split(".")[-1])
+        linear = f"{parent}.{key}" if parent else key
+        table.append((name, linear if isinstance(modules.get(linear), nn.Linear) else None))
+    return table
+
+
+# --- weights --------------------------------------------------------------------------------
+
+def weight_group_size(in_features: int, group_size: int | None) -> int | None:
+    """The block size for one Linear: None (per channel) when the row is no longer than a block."""
+    if group_size is None or in_features <= group_size:
+        return None
+    if in_features % group_size:
+        raise MQExportError(f"--w-group-size {group_size} does not divide a Linear's {in_features} input "
+                            f"features; use a size that divides every in_features larger than it")
+    return group_size
+
+
+def rtn_scales(weight: Tensor, bits: int, group_size: int | None, importance: Tensor | None = None) -> Tensor:
+    """Per-channel (or per-block) scales, each clipped to the ratio of its abs-max that minimises the
+    squared rounding error, weighted by the input channels' mean square when known."""
+    out_f, in_f = weight.shape
+    gs = group_size or in_f
+    w = weight.double().reshape(out_f, in_f // gs, gs)
+    imp = torch.ones(in_f, dtype=torch.float64) if importance is None else importance.double().clamp_min(1e-12)
+    imp = imp.reshape(1, in_f // gs, gs)
+    qmin, qmax = int_range(bits)
+    amax = w.abs().amax(-1).clamp_min(1e-12)
+    best_err, best = torch.full_like(amax, float("inf")), amax / qmax
+    for ratio in CLIP_RATIOS:
+        scale = amax * ratio / qmax
+        err = (((torch.clamp(torch.round(w / scale[..., None]), qmin, qmax) * scale[..., None] - w) ** 2) * imp).sum(-1)
+        better = err < best_err
+        best_err, best = torch.where(better, err, best_err), torch.where(better, scale, best)
+    return (best[:, 0] if group_size is None else best).float()
+
+
+def gptq(weight: Tensor, hessian: Tensor, wq: WeightQuant, damp: float = 0.01) -> Tensor:
+    """GPTQ (Frantar et al. 2022) with fixed scales: quantize columns in order, spreading each
+    column's error over the remaining ones through the inverse Hessian. Returns dequantized weights."""
+    w = weight.double().clone()
+    h = hessian.double().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h += damp * torch.diag(h).mean() * torch.eye(len(h), dtype=torch.float64)
+    h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    scale = wq.expanded_scale(w.shape[1]).double()
+    qmin, qmax = int_range(wq.bits)
+    out = torch.empty_like(w)
+    for i in range(w.shape[1]):
+        q = torch.clamp(torch.round(w[:, i] / scale[:, i]), qmin, qmax) * scale[:, i]
+        err = (w[:, i] - q) / h_inv[i, i]
+        w[:, i + 1:] -= err[:, None] * h_inv[i, i + 1:][None, :]
+        out[:, i] = q
+    return out.float()
+
+
+def quantize_weights(model: nn.Module, sites: dict[str, SiteStats], cfg: QuantConfig) -> list[str]:
+    """Attach `weight_quant` to every Linear and replace its weight by the dequantized values."""
+    feeding = {linear: site for site, linear in quant_sites(model) if linear is not None}
+    names = []
+    for name, linear in model.named_modules():
+        if not isinstance(linear, nn.Linear):
+            continue
+        stats = sites.get(feeding.get(name, ""))
+        w = linear.weight.data
+        group = weight_group_size(w.shape[1], cfg.w_group_size)
+        hessian = stats.second_moment if stats is not None and stats.sum_outer is not None else None
+        importance = torch.diag(hessian) if hessian is not None else None
+        wq = WeightQuant(scale=rtn_scales(w, cfg.w_bits, group, importance), bits=cfg.w_bits, group_size=group)
+        deq = gptq(w, hessian, wq) if cfg.use_gptq and hessian is not None else w
+        linear.weight = nn.Parameter(wq.dequantize(wq.quantize(deq)), requires_grad=False)
+        linear.weight_quant = wq
+        names.append(name)
+    return names
+
+
+# --- activations ----------------------------------------------------------------------------
+
+def set_activation_quantizers(model: nn.Module, sites: dict[str, SiteStats], cfg: QuantConfig,
+                              calibrator: str) -> list[str]:
+    modules = dict(model.named_modules())
+    for name, _ in quant_sites(model):
+        if name not in sites:
+            raise MQExportError(f"no calibration statistics for activation site {name!r}")
+        modules[name].quantizer = FakeQuantize(activation_range(sites[name], calibrator, cfg.a_bits,
+                                                                cfg.asymmetric, cfg.percentile))
+    return [name for name, _ in quant_sites(model)]
+
+
+def prepare(model: nn.Module, stats: CalibrationStats, cfg: QuantConfig, quiet: bool = False) -> Prepared:
+    """Apply the method's transforms to a copy of `model` and re-collect activation statistics on
+    it (rotations and smoothing change the distributions the ranges are set from)."""
+    tcfg = cfg.transforms()
+    if not (tcfg.smooth_inputs or tcfg.smooth_gate or tcfg.smooth_state or tcfg.rotation):
+        return Prepared(copy.deepcopy(model), stats.sites, {"rotation": None, "online": []})
+    transformed, info = apply_transforms(model, stats, tcfg)
+    sites, _ = collect_site_stats(transformed, stats.inputs, stats.batch_size, desc=f"calibrate ({cfg.method})",
+                                  quiet=quiet)
+    return Prepared(transformed, sites, info)
+
+
+def quantize_prepared(prepared: Prepared, stats: CalibrationStats, cfg: QuantConfig,
+                      quiet: bool = False) -> tuple[nn.Module, dict]:
+    model = copy.deepcopy(prepared.model)
+    weights = quantize_weights(model, prepared.sites, cfg)
+    if cfg.calibrator == "auto":
+        # Same selection for every method: the calibrator whose fake-quant outputs are closest
+        # (KL) to the FP32 outputs on the calibration-selection subset.
+        kls = {}
+        for name in CALIBRATORS:
+            set_activation_quantizers(model, prepared.sites, cfg, name)
+            logits = batched_logits(model, stats.selection_inputs, stats.batch_size, desc=f"select {name}",
+                                    quiet=quiet)
+            kls[name] = kl_to_reference(stats.selection_logits, logits)
+        chosen = min(kls, key=kls.get)
+    elif cfg.calibrator in CALIBRATORS:
+        kls, chosen = None, cfg.calibrator
+    else:
+        raise MQExportError(f"unknown calibrator {cfg.calibrator!r}; choose from auto, {', '.join(CALIBRATORS)}")
+    acts = set_activation_quantizers(model, prepared.sites, cfg, chosen)
+    t = prepared.transforms
+    smoothing = bool(t.get("smooth_inputs") or t.get("smooth_gate") or t.get("smooth_state"))
+    settings = {
+        "method": cfg.method, "w_bits": cfg.w_bits, "a_bits": cfg.a_bits, "seed": cfg.seed,
+        "alpha": cfg.alpha if smoothing else None,
+        "rotation": t.get("rotation"), "klt": t.get("rotation") == "klt",
+        "smoothing": {k: t.get(k, False) for k in ("smooth_inputs", "smooth_gate", "smooth_state")},
+        "calibrator": chosen, "calibrator_requested": cfg.calibrator, "calibrator_selection_kl": kls,
+        "calibrator_selection_samples": len(stats.selection_logits),
+        "percentile": cfg.percentile if chosen == "percentile" else None,
+        "activations": (f"static per-tensor asymmetric uint{cfg.a_bits} (ONNX Runtime only)" if cfg.asymmetric
+                        else f"static per-tensor symmetric int{cfg.a_bits}"),
+        "weights": (f"symmetric int{cfg.w_bits} per output channel"
+                    + (f", blocks of {cfg.w_group_size} along the input" if cfg.w_group_size else "")
+                    + (", GPTQ" if cfg.use_gptq else ", RTN with clipping search")),
+        "w_group_size": cfg.w_group_size,
+        "online": t.get("online", []),
+        "quantized_activation_sites": acts,
+        "quantized_weights": weights,
+        "floating_point": ["selective-scan recurrence (Δ softplus, exp(ΔA), D skip)", "conv1d", "norms",
+                           "biases", "model input", "online gate scale and rotation"],
+        "h_c_product": "quantized through its operands outside the scan op: C (scan_C) and the scan "
+                       "output y (out_proj input)",
+        "calibration_split": stats.split,
+    }
+    return model, settings
+
+
+def quantize(model: nn.Module, stats: CalibrationStats, cfg: QuantConfig,
+             quiet: bool = False) -> tuple[nn.Module, dict]:
+    """A quantized deep copy of `model` (never mutated) and the method's settings."""
+    return quantize_prepared(prepare(model, stats, cfg, quiet), stats, cfg, quiet)
