@@ -6,14 +6,20 @@ The CLI only wires these together.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
+import torch
 from torch import Tensor, nn
 
 from .bundled import BUNDLED, bundled
+from .calibrate import CalibrationStats
+from .calibrate import calibrate as _calibrate
 from .data import Split
 from .evaluate import Forward, batched_logits
 from .loaders import load_checkpoint
+from .quantize import QuantConfig
+from .quantize import quantize as _quantize
 
 
 def load(model: str | Path = "mnist") -> nn.Module:
@@ -22,6 +28,24 @@ def load(model: str | Path = "mnist") -> nn.Module:
     if isinstance(model, str) and model in BUNDLED:
         return bundled(model).load()
     return load_checkpoint(model)
+
+
+def calibrate(model: nn.Module, calib: Split | Tensor, exclude: tuple[Split, ...] = (), batch_size: int = 64,
+              selection_samples: int = 256, quiet: bool = False) -> CalibrationStats:
+    """Stream calibration data once through the FP model, collecting what the transforms and
+    quantizers need. `calib`: a Split or a tensor of model inputs; `exclude`: the evaluation
+    split(s) it must not overlap. Refuses empty, NaN/Inf or overlapping data."""
+    if isinstance(calib, Tensor):
+        calib = Split("calibration inputs", calib, torch.zeros(len(calib), dtype=torch.int64))
+    return _calibrate(model, calib, tuple(exclude), batch_size, selection_samples, quiet)
+
+
+def quantize(model: nn.Module, stats: CalibrationStats, config: QuantConfig | None = None, quiet: bool = False,
+             **overrides) -> tuple[nn.Module, dict]:
+    """A quantized deep copy of `model` (the input is never mutated) and the method's settings.
+    `config` defaults to QuantConfig(); keyword overrides (method=, w_bits=, …) replace its fields."""
+    config = dataclasses.replace(config or QuantConfig(), **overrides)
+    return _quantize(model, stats, config, quiet)
 
 
 def validate(model: nn.Module | Forward, split: Split, metrics, reference_logits: Tensor | None = None,

@@ -12,7 +12,9 @@ def _demo(args: argparse.Namespace) -> int:
     from .demo import DemoConfig, run_demo
     report = run_demo(DemoConfig(out=Path(args.output), model=args.model, method=args.method,
                                  w_bits=args.w_bits, a_bits=args.a_bits, limit=args.limit,
-                                 force=args.force, quiet=args.json))
+                                 force=args.force, quiet=args.json, seed=args.seed, calibrator=args.calibrator,
+                                 alpha=args.alpha, w_group_size=args.w_group_size, asymmetric=args.asymmetric,
+                                 gptq=args.gptq, plot=args.plot))
     print(report.to_json() if args.json else report.table(), end="" if args.json else "\n")
     return 0
 
@@ -65,6 +67,17 @@ def build_parser() -> argparse.ArgumentParser:
     engine.set_defaults(func=_build_engine)
     return parser
 
+    demo.add_argument("--seed", type=int, default=0, help="seed of every random Hadamard sign (default 0)")
+    demo.add_argument("--calibrator", default="auto", choices=("auto", "absmax", "percentile", "mse", "entropy"),
+                      help="activation range calibrator; auto picks by KL to FP32 on calibration data")
+    demo.add_argument("--alpha", type=float, default=0.5, help="smoothing strength α (default 0.5)")
+    demo.add_argument("--w-group-size", type=int, default=None, metavar="G",
+                      help="weight blocks of G along the input dimension (e.g. 64, 128 for TensorRT INT4)")
+    demo.add_argument("--asymmetric", action="store_true",
+                      help="asymmetric activations (zero point ≠ 0: ONNX Runtime only, not TensorRT)")
+    demo.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=None,
+                      help="GPTQ weight rounding (default: on for --w-bits 4, off for 8)")
+    demo.add_argument("--plot", action="store_true", help="write DIR/activation_ranges.png")
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()

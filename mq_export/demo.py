@@ -5,9 +5,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .api import validate
+from .api import calibrate, quantize, validate
 from .bundled import bundled
 from .output import staged_output_dir
+from .quantize import QuantConfig
 from .report import Report
 
 METHODS = ("none", "rtn", "smoothquant", "hadamard", "mambaquant")
@@ -23,6 +24,13 @@ class DemoConfig:
     limit: int | None = None
     force: bool = False
     quiet: bool = False
+    seed: int = 0
+    calibrator: str = "auto"
+    alpha: float = 0.5
+    w_group_size: int | None = None
+    asymmetric: bool = False
+    gptq: bool | None = None         # None: GPTQ for W4, clip-searched RTN for W8
+    plot: bool = False               # write the activation-range figure (activation_ranges.png)
 
 
 def run_demo(cfg: DemoConfig) -> Report:
@@ -43,6 +51,25 @@ def run_demo(cfg: DemoConfig) -> Report:
                                              desc="fp32", quiet=cfg.quiet)
         report.backends["fp32"] = fp32_metrics
         report.seconds["fp32"] = time.perf_counter() - t0
+
+        if quantized:
+            t0 = time.perf_counter()
+            stats = calibrate(model, calib, exclude=(evaluation,), batch_size=spec.batch_size, quiet=cfg.quiet)
+            qcfg = QuantConfig(method=cfg.method, w_bits=cfg.w_bits, a_bits=cfg.a_bits, calibrator=cfg.calibrator,
+                               asymmetric=cfg.asymmetric, w_group_size=cfg.w_group_size, gptq=cfg.gptq,
+                               alpha=cfg.alpha, seed=cfg.seed)
+            model, settings = quantize(model, stats, qcfg, quiet=cfg.quiet)
+            report.settings.update(settings)
+            report.seconds["quantize"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            report.backends["fake_quant"], _ = validate(model, evaluation, spec.metrics, fp32_logits,
+                                                        batch_size=spec.batch_size, desc="fake-quant",
+                                                        quiet=cfg.quiet)
+            report.seconds["fake_quant"] = time.perf_counter() - t0
+            if cfg.plot:
+                from .plots import plot_activation_ranges
+                plot_activation_ranges(stats, model, staging / "activation_ranges.png", cfg.method)
+                report.artifacts["plot"] = "activation_ranges.png"
 
         report.artifacts["report"] = "report.json"
         (staging / "report.json").write_text(report.to_json())
