@@ -32,6 +32,24 @@ def _build_engine(args: argparse.Namespace) -> int:
     return 0
 
 
+def _validate(args: argparse.Namespace) -> int:
+    import json
+    from .validate_onnx import validate_onnx_file
+    result = validate_onnx_file(args.onnx, model=args.model, limit=args.limit, scan_kernel=args.scan_kernel,
+                                quiet=args.json)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .validate_onnx import run_export
+    report = run_export(args.checkpoint, Path(args.output), method=args.method, calib=args.calib,
+                        w_bits=args.w_bits, a_bits=args.a_bits, opset=args.opset, limit=args.limit,
+                        force=args.force, quiet=args.json)
+    print(report.to_json() if args.json else report.table(), end="" if args.json else "\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .bundled import BUNDLED
     from .demo import METHODS
@@ -49,7 +67,44 @@ def build_parser() -> argparse.ArgumentParser:
                       help="evaluate on the first N images of the evaluation split")
     demo.add_argument("--json", action="store_true", help="print report.json to stdout (no progress bars)")
     demo.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    demo.add_argument("--seed", type=int, default=0, help="seed of every random Hadamard sign (default 0)")
+    demo.add_argument("--calibrator", default="auto", choices=("auto", "absmax", "percentile", "mse", "entropy"),
+                      help="activation range calibrator; auto picks by KL to FP32 on calibration data")
+    demo.add_argument("--alpha", type=float, default=0.5, help="smoothing strength α (default 0.5)")
+    demo.add_argument("--w-group-size", type=int, default=None, metavar="G",
+                      help="weight blocks of G along the input dimension (e.g. 64, 128 for TensorRT INT4)")
+    demo.add_argument("--asymmetric", action="store_true",
+                      help="asymmetric activations (zero point ≠ 0: ONNX Runtime only, not TensorRT)")
+    demo.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=None,
+                      help="GPTQ weight rounding (default: on for --w-bits 4, off for 8)")
+    demo.add_argument("--plot", action="store_true", help="write DIR/activation_ranges.png")
     demo.set_defaults(func=_demo)
+
+    export = sub.add_parser("export", help="export a checkpoint (mamba-ssm/HF Mamba LM directory or a classifier "
+                            "of the bundled family) to DIR/model.onnx with DIR/report.json")
+    export.add_argument("checkpoint", metavar="CHECKPOINT")
+    export.add_argument("-o", "--output", required=True, metavar="DIR", help="output directory")
+    export.add_argument("--method", default="none", choices=METHODS)
+    export.add_argument("--calib", default=None, metavar="FILE", help=".pt/.npy calibration inputs: int token "
+                        "ids (n, L) for language models, float (n, L, d_input) for classifiers")
+    export.add_argument("--w-bits", type=int, default=8, choices=(8, 4))
+    export.add_argument("--a-bits", type=int, default=8, choices=(8, 16))
+    export.add_argument("--opset", type=int, default=None, help="ONNX opset, 18-21 (default 18; 21 with INT4)")
+    export.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate on N images (classifiers)")
+    export.add_argument("--json", action="store_true", help="print report.json to stdout (no progress bars)")
+    export.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    export.set_defaults(func=_export)
+
+    validate = sub.add_parser("validate", help="run an exported model.onnx in ONNX Runtime on the evaluation "
+                              "data and compare with PyTorch (errors, argmax agreement, Polygraphy)")
+    validate.add_argument("onnx", metavar="MODEL.onnx")
+    validate.add_argument("--model", default="mnist", help="the PyTorch model it was exported from: a bundled "
+                          "name or a checkpoint (default mnist)")
+    validate.add_argument("--limit", type=int, default=2000, metavar="N", help="evaluation images (default 2000)")
+    validate.add_argument("--scan-kernel", action="store_true", help="run SelectiveScan through the registered "
+                          "onnxruntime-extensions kernel instead of the function body")
+    validate.add_argument("--json", action="store_true", help="no progress bars")
+    validate.set_defaults(func=_validate)
 
     engine = sub.add_parser("build-engine", help="build a TensorRT engine from an exported ONNX file "
                             "(needs TensorRT and the plugin library from plugins/)")
@@ -67,17 +122,6 @@ def build_parser() -> argparse.ArgumentParser:
     engine.set_defaults(func=_build_engine)
     return parser
 
-    demo.add_argument("--seed", type=int, default=0, help="seed of every random Hadamard sign (default 0)")
-    demo.add_argument("--calibrator", default="auto", choices=("auto", "absmax", "percentile", "mse", "entropy"),
-                      help="activation range calibrator; auto picks by KL to FP32 on calibration data")
-    demo.add_argument("--alpha", type=float, default=0.5, help="smoothing strength α (default 0.5)")
-    demo.add_argument("--w-group-size", type=int, default=None, metavar="G",
-                      help="weight blocks of G along the input dimension (e.g. 64, 128 for TensorRT INT4)")
-    demo.add_argument("--asymmetric", action="store_true",
-                      help="asymmetric activations (zero point ≠ 0: ONNX Runtime only, not TensorRT)")
-    demo.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=None,
-                      help="GPTQ weight rounding (default: on for --w-bits 4, off for 8)")
-    demo.add_argument("--plot", action="store_true", help="write DIR/activation_ranges.png")
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()

@@ -71,6 +71,16 @@ def run_demo(cfg: DemoConfig) -> Report:
                 plot_activation_ranges(stats, model, staging / "activation_ranges.png", cfg.method)
                 report.artifacts["plot"] = "activation_ranges.png"
 
+        # ONNX export of the model as it stands (fake-quant sites/weights → Q/DQ) + ONNX Runtime.
+        from .validate_onnx import ONNX_NAME, onnx_stage
+        ort_metrics, onnx_info, onnx_seconds = onnx_stage(
+            model, evaluation.inputs, staging, fp32_logits, labels=evaluation.labels, metrics=spec.metrics,
+            fp32_logits=fp32_logits if quantized else None, batch_size=spec.batch_size, quiet=cfg.quiet)
+        report.backends["onnxruntime"] = ort_metrics
+        report.settings["onnx"] = onnx_info
+        report.seconds.update(onnx_seconds)
+        report.artifacts["onnx"] = ONNX_NAME
+
         report.artifacts["report"] = "report.json"
         (staging / "report.json").write_text(report.to_json())
     return report

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -427,6 +428,9 @@ def export_module(model: nn.Module, args: tuple, path: str | Path | None = None,
             dynamic_shapes = tuple({axis: torch.export.Dim.DYNAMIC for axis in dynamic_axes.get(name, {})} or None
                                    for name in input_names)
         sink = io.StringIO()
+        torch_onnx_log = logging.getLogger("torch.onnx")
+        level = torch_onnx_log.level
+        torch_onnx_log.setLevel(logging.ERROR)   # "torchvision is not installed" and progress chatter
         try:
             with contextlib.redirect_stdout(sink):
                 program = torch.onnx.export(model, tuple(args), dynamo=True, input_names=list(input_names),
@@ -437,6 +441,8 @@ def export_module(model: nn.Module, args: tuple, path: str | Path | None = None,
         except Exception as exc:
             raise MQExportError(f"torch.onnx.export failed for {type(model).__name__}: "
                                 f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+        finally:
+            torch_onnx_log.setLevel(level)
     proto = program.model_proto
     specs = set(trace.specs)
     if len(specs) > 1:
