@@ -62,7 +62,7 @@ def run_demo(cfg: DemoConfig) -> Report:
             report.settings.update(settings)
             report.seconds["quantize"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            report.backends["fake_quant"], _ = validate(model, evaluation, spec.metrics, fp32_logits,
+            report.backends["fake_quant"], fq_logits = validate(model, evaluation, spec.metrics, fp32_logits,
                                                         batch_size=spec.batch_size, desc="fake-quant",
                                                         quiet=cfg.quiet)
             report.seconds["fake_quant"] = time.perf_counter() - t0
@@ -74,7 +74,8 @@ def run_demo(cfg: DemoConfig) -> Report:
         # ONNX export of the model as it stands (fake-quant sites/weights → Q/DQ) + ONNX Runtime.
         from .validate_onnx import ONNX_NAME, onnx_stage
         ort_metrics, onnx_info, onnx_seconds = onnx_stage(
-            model, evaluation.inputs, staging, fp32_logits, labels=evaluation.labels, metrics=spec.metrics,
+            model, evaluation.inputs, staging, fq_logits if quantized else fp32_logits,
+            labels=evaluation.labels, metrics=spec.metrics,
             fp32_logits=fp32_logits if quantized else None, batch_size=spec.batch_size, quiet=cfg.quiet)
         report.backends["onnxruntime"] = ort_metrics
         report.settings["onnx"] = onnx_info

@@ -228,19 +228,16 @@ def run_export(checkpoint: str | Path, out: str | Path, method: str = "none", ca
 def _quantize_with_api(model, calib_inputs, inputs, method, w_bits, a_bits, batch, report, quiet, metrics, labels,
                        fp32_logits):
     """Calibrate + quantize through `mq_export.api` (the quantization stage's public functions)."""
-    from . import api
+    from .api import calibrate, quantize
+    from .quantize import QuantConfig
 
-    calibrate = getattr(api, "calibrate", None)
-    quantize = getattr(api, "quantize", None)
-    if calibrate is None or quantize is None:
-        raise MQExportError(f"--method {method} is not available in this build yet (only --method none)")
-    try:  # the quantization API's exact signature is owned by the quantization stage
-        stats = calibrate(model, calib_inputs, method=method)
-        qmodel = quantize(model, stats, method=method, w_bits=w_bits, a_bits=a_bits)
-    except TypeError as exc:
-        raise MQExportError(f"--method {method}: quantization API mismatch ({exc})") from None
-    qmodel = qmodel[0] if isinstance(qmodel, tuple) else qmodel
+    t0 = time.perf_counter()
+    stats = calibrate(model, calib_inputs, batch_size=batch, quiet=quiet)
+    qmodel, settings = quantize(model, stats, QuantConfig(method=method, w_bits=w_bits, a_bits=a_bits), quiet=quiet)
+    report.settings.update(settings)
+    report.seconds["quantize"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     logits = batched_logits(qmodel, inputs, batch_size=batch, desc="fake-quant", quiet=quiet)
+    report.seconds["fake_quant"] = time.perf_counter() - t0
     report.backends["fake_quant"] = metrics(logits, labels, fp32_logits) if metrics and labels is not None else {}
     return qmodel, logits
-
