@@ -1,0 +1,146 @@
+#!/usr/bin/env python3
+"""ONNX Runtime latency of exported models, as ratios:
+
+* plain-ORT FP32 (SelectiveScan through its function body) vs the PyTorch CPU forward,
+* ORT INT8 (W8A8 Q/DQ export) vs ORT FP32,
+
+on the bundled MNIST classifier (batch 64, length 784) and on a random LM-sized model (d_model 768,
+4 layers, vocab 50280, batch 1, length 512). The INT8 models use hand-built per-tensor activation
+/ per-channel weight quantizers in the qspec contract (absmax scales, RTN weights): latency does
+not depend on how the scales were chosen. Also lists which nodes ORT's optimizer turned the Q/DQ
+graph into (e.g. MatMulIntegerToFloat, QLinearMatMul, DynamicQuantizeMatMul).
+
+    python tools/bench_ort.py [--reps 3] [--threads 2] [--skip-lm]
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from mq_export.export import export_onnx  # noqa: E402
+from mq_export.loaders import load_classifier  # noqa: E402
+from mq_export.model import LMConfig, MambaLMHeadModel, MixerConfig  # noqa: E402
+from mq_export.ort import session  # noqa: E402
+from mq_export.qspec import ActQuant, FakeQuantize, WeightQuant  # noqa: E402
+
+logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+
+
+def fake_quantize_w8a8(model: torch.nn.Module, sample: torch.Tensor) -> torch.nn.Module:
+    peaks = {}
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: peaks.__setitem__(n, float(o.abs().max())))
+             for n, m in model.named_modules() if hasattr(m, "quantizer")]
+    with torch.inference_mode():
+        model(sample)
+    for h in hooks:
+        h.remove()
+    for name, m in model.named_modules():
+        if hasattr(m, "quantizer"):
+            m.quantizer = FakeQuantize(ActQuant(scale=max(peaks[name], 1e-8) / 127))
+        if isinstance(m, torch.nn.Linear) and not hasattr(m, "weight_quant"):
+            w = m.weight.data
+            wq = WeightQuant(scale=w.abs().amax(1).clamp_min(1e-8) / 127, bits=8)
+            m.weight_quant = wq
+            if m.weight.data_ptr() == w.data_ptr():
+                m.weight.data = wq.dequantize(wq.quantize(w))
+    return model
+
+
+def best_of(fn, reps: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def fused_ops(path: Path, threads: int) -> dict:
+    """Op histogram of the graph ORT actually runs (optimized model, function inlined)."""
+    import onnxruntime as ort
+    with tempfile.TemporaryDirectory() as tmp:
+        so = ort.SessionOptions()
+        so.optimized_model_filepath = os.path.join(tmp, "opt.onnx")
+        so.intra_op_num_threads = threads
+        so.log_severity_level = 3
+        disabled = ["QDQPropagationTransformer"] if _opset(path) >= 21 else None
+        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
+        opt = onnx.load(so.optimized_model_filepath)
+    counts = collections.Counter(n.op_type for n in opt.graph.node)
+    return {k: counts[k] for k in sorted(counts) if k in {
+        "QuantizeLinear", "DequantizeLinear", "MatMul", "FusedMatMul", "QLinearMatMul", "MatMulIntegerToFloat",
+        "DynamicQuantizeMatMul", "MatMulInteger", "QGemm", "Gemm", "Loop", "SelectiveScan", "QLinearConv", "Conv"}}
+
+
+def _opset(path: Path) -> int:
+    m = onnx.load(str(path), load_external_data=False)
+    return next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def bench(name: str, make_model, x: torch.Tensor, feed_name: str, reps: int, threads: int, tmp: Path) -> dict:
+    model = make_model()
+    fp32_path, int8_path = tmp / f"{name}_fp32.onnx", tmp / f"{name}_int8.onnx"
+    export_onnx(model, fp32_path)
+    with torch.inference_mode():
+        t_torch = best_of(lambda: model(x), reps)
+    s_fp32 = session(fp32_path, threads=threads)
+    feed = {feed_name: x.numpy()}
+    t_fp32 = best_of(lambda: s_fp32.run(None, feed), reps)
+    qmodel = fake_quantize_w8a8(make_model(), x[:1, : min(x.shape[1], 256)])
+    export_onnx(qmodel, int8_path)
+    s_int8 = session(int8_path, threads=threads)
+    t_int8 = best_of(lambda: s_int8.run(None, feed), reps)
+    with torch.inference_mode():
+        ref = qmodel(x).numpy()
+    out = s_int8.run(None, feed)[0]
+    return {"model": name, "input": tuple(x.shape), "torch_s": t_torch, "ort_fp32_s": t_fp32, "ort_int8_s": t_int8,
+            "ort_fp32_over_torch": t_fp32 / t_torch, "int8_speedup_over_fp32": t_fp32 / t_int8,
+            "int8_vs_fakequant_max_rel": float(np.abs(out - ref).max() / np.abs(ref).max()),
+            "ort_int8_graph": fused_ops(int8_path, threads)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--skip-lm", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    torch.manual_seed(0)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        rows.append(bench("mnist", load_classifier, torch.randn(64, 784, 1), "x", args.reps, args.threads, tmp))
+        if not args.skip_lm:
+            cfg = LMConfig(mixer=MixerConfig(d_model=768), n_layer=4, vocab_size=50280)
+
+            def make_lm():
+                torch.manual_seed(0)
+                return MambaLMHeadModel(cfg).eval()
+            ids = torch.randint(0, cfg.vocab_size, (1, 512), generator=torch.Generator().manual_seed(0))
+            rows.append(bench("lm-768x4", make_lm, ids, "input_ids", args.reps, args.threads, tmp))
+    print(f"threads={args.threads}  best of {args.reps}")
+    for r in rows:
+        print(f"{r['model']:9s} input {r['input']}: torch {r['torch_s']*1e3:8.1f} ms | ORT fp32 {r['ort_fp32_s']*1e3:8.1f} ms"
+              f" | ORT int8 {r['ort_int8_s']*1e3:8.1f} ms")
+        print(f"          ORT fp32 / torch = {r['ort_fp32_over_torch']:.2f}x   "
+              f"ORT int8 speed-up over ORT fp32 = {r['int8_speedup_over_fp32']:.2f}x   "
+              f"int8 vs fake-quant max rel err = {r['int8_vs_fakequant_max_rel']:.1e}")
+        print(f"          ORT int8 graph after optimization: {r['ort_int8_graph']}")
+
+
+if __name__ == "__main__":
+    main()
