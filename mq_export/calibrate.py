@@ -187,21 +187,22 @@ def _threshold(hist: np.ndarray, width: float, exact_max: float, method: str, le
 
 
 def _kl_threshold(hist: np.ndarray, edges: np.ndarray, exact_max: float, n_quant: int) -> float:
-    """TensorRT's entropy calibration: the threshold whose n_quant-level quantised histogram
-    has the least KL divergence from the (clipped) reference histogram."""
+    """TensorRT's entropy calibration: the threshold whose n_quant-level quantisation of the
+    histogram below it has the least KL divergence from the reference, which also holds the
+    clipped outliers in its last bin (so clipping costs, and too wide a range costs resolution)."""
     if n_quant >= len(hist):
         return exact_max
     best, best_t = math.inf, exact_max
+    nonzero_cum = np.concatenate([[0], np.cumsum(hist > 0)])
+    hist_cum = np.concatenate([[0], np.cumsum(hist)])
     for i in range(n_quant, len(hist) + 1, max(1, len(hist) // 256)):
         p = hist[:i].copy()
-        p[-1] += hist[i:].sum()
-        groups = np.array_split(np.arange(i), n_quant)
-        q = np.zeros(i)
-        for g in groups:
-            nonzero = hist[g] > 0
-            if nonzero.any():
-                q[g[nonzero]] = hist[g].sum() / nonzero.sum()
-        q[-1] += hist[i:].sum() * (q[-1] > 0)
+        p[-1] += hist_cum[-1] - hist_cum[i]
+        # Merge the i bins into n_quant groups, then spread each group's mass over its non-empty bins.
+        bounds = np.linspace(0, i, n_quant + 1).astype(int)
+        sums = hist_cum[bounds[1:]] - hist_cum[bounds[:-1]]
+        nonzero = nonzero_cum[bounds[1:]] - nonzero_cum[bounds[:-1]]
+        q = np.repeat(sums / np.maximum(nonzero, 1), np.diff(bounds)) * (hist[:i] > 0)
         mask = p > 0
         p_n, q_n = p / p.sum(), q / max(q.sum(), 1e-30)
         kl = float(np.sum(p_n[mask] * np.log(p_n[mask] / np.maximum(q_n[mask], 1e-30))))

@@ -88,8 +88,8 @@ def rtn_scales(weight: Tensor, bits: int, group_size: int | None, importance: Te
     squared rounding error, weighted by the input channels' mean square when known."""
     out_f, in_f = weight.shape
     gs = group_size or in_f
-    w = weight.double().reshape(out_f, in_f // gs, gs)
-    imp = torch.ones(in_f, dtype=torch.float64) if importance is None else importance.double().clamp_min(1e-12)
+    w = weight.float().reshape(out_f, in_f // gs, gs)
+    imp = torch.ones(in_f) if importance is None else importance.float().clamp_min(1e-12)
     imp = imp.reshape(1, in_f // gs, gs)
     qmin, qmax = int_range(bits)
     amax = w.abs().amax(-1).clamp_min(1e-12)
