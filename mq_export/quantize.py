@@ -41,6 +41,7 @@ class QuantConfig:
     alpha: float = 0.5
     seed: int = 0
     klt: bool = True                  # False: MambaQuant with plain Hadamard rotations (ablation)
+    range_samples: int | None = None  # calibration images for the post-transform range pass (None: all)
 
     def transforms(self) -> TransformConfig:
         if self.method not in METHODS:
@@ -163,8 +164,8 @@ def prepare(model: nn.Module, stats: CalibrationStats, cfg: QuantConfig, quiet: 
     if not (tcfg.smooth_inputs or tcfg.smooth_gate or tcfg.smooth_state or tcfg.rotation):
         return Prepared(copy.deepcopy(model), stats.sites, {"rotation": None, "online": []})
     transformed, info = apply_transforms(model, stats, tcfg)
-    sites, _ = collect_site_stats(transformed, stats.inputs, stats.batch_size, desc=f"calibrate ({cfg.method})",
-                                  quiet=quiet)
+    sites, _ = collect_site_stats(transformed, stats.inputs[:cfg.range_samples], stats.batch_size,
+                                  desc=f"calibrate ({cfg.method})", quiet=quiet)
     return Prepared(transformed, sites, info)
 
 
