@@ -165,8 +165,11 @@ class _Builder:
 def scan_function(spec: SelectiveScanSpec, opset: int, chunk: int = DEFAULT_CHUNK) -> onnx.FunctionProto:
     """The SelectiveScan semantics (scan.selective_scan_reference) as an ONNX local function.
 
-    Design (measured faster on CPU than the masked cumulative-sum form for Mamba-1, whose decay
-    differs per state channel; see tools/bench_ort.py): everything that does not depend on the
+    Design. The masked cumulative-sum form (exp of non-positive differences of cumsum(Δ·A) for
+    all step pairs of a chunk) needs b·l·T·d·n exponentials for Mamba-1, whose decay differs per
+    state channel: T times the recurrence's. Measured on the bundled model (batch 64, l 784, 2
+    threads, loaded machine): ORT's Exp alone over those elements costs ~6.3 s per batch at T=16
+    (~1.6 s at T=4), more than this whole exported forward (~2.2 s). So instead: everything that does not depend on the
     state is computed for the whole sequence at once (Δ bias + softplus, Δ·u, time-major layout,
     padding to whole chunks); a Loop runs over chunks of `chunk` steps; inside one iteration the
     decays exp(Δ·A) and inputs Δ·B·u of all its steps are computed in parallel, the recurrence
@@ -416,6 +419,9 @@ def export_module(model: nn.Module, args: tuple, path: str | Path | None = None,
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise MQExportError(f"opset {opset} is not supported; choose {MIN_OPSET}–{MAX_OPSET} "
                             f"({INT4_OPSET} or later for INT4 weights)")
+    if (wants_int4 or wants_16) and opset < INT4_OPSET:
+        raise MQExportError(f"INT4 / block-quantized weights and 16-bit activations need opset {INT4_OPSET} "
+                            f"(got --opset {opset})")
     info = ExportInfo(opset=opset)
     trace = _Trace()
     # A strided view as example input makes torch.export trace aten.sym_stride, which has no ONNX op.

@@ -28,7 +28,7 @@ def polygraphy_compare(session, feeds: list[dict[str, np.ndarray]], reference: l
     """Polygraphy's accuracy comparison of our ORT session (wrapped in OnnxrtRunner, so a session
     with the custom-op kernel works too) against PyTorch outputs for the same feeds."""
     from polygraphy.backend.onnxrt import OnnxrtRunner
-    from polygraphy.comparator import Comparator, CompareFunc
+    from polygraphy.comparator import Comparator, SimpleCompareFunc
     from polygraphy.comparator.struct import IterationResult, RunResults
     from polygraphy.logger import G_LOGGER
 
@@ -40,7 +40,7 @@ def polygraphy_compare(session, feeds: list[dict[str, np.ndarray]], reference: l
     results.extend(ref)
     # atol relative to the reference's magnitude: logits near zero would fail any pure rtol test.
     scale = max(float(np.abs(r[k]).max()) for r in reference for k in r)
-    accuracy = Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(rtol=rtol, atol=atol * scale))
+    accuracy = Comparator.compare_accuracy(results, compare_func=SimpleCompareFunc(rtol=rtol, atol=atol * scale))
     return bool(accuracy)
 
 
@@ -165,7 +165,7 @@ def load_calibration_file(path: str | Path, model: nn.Module) -> Tensor:
 
 def run_export(checkpoint: str | Path, out: str | Path, method: str = "none", calib: str | Path | None = None,
                w_bits: int = 8, a_bits: int = 8, opset: int | None = None, limit: int | None = None,
-               force: bool = False, quiet: bool = False):
+               force: bool = False, quiet: bool = False, w_group_size: int | None = None):
     """`mq-export export`: a user's checkpoint → DIR/model.onnx + DIR/report.json."""
     from .data import mnist_splits
     from .evaluate import classification_metrics
@@ -212,7 +212,7 @@ def run_export(checkpoint: str | Path, out: str | Path, method: str = "none", ca
         reference = fp32_logits
         if method != "none":
             model, reference = _quantize_with_api(model, calib_inputs, inputs, method, w_bits, a_bits, batch,
-                                                  report, quiet, metrics, labels, fp32_logits)
+                                                  report, quiet, metrics, labels, fp32_logits, w_group_size)
         block, info, seconds = onnx_stage(model, inputs, staging, reference, labels=labels, metrics=metrics,
                                           fp32_logits=fp32_logits if method != "none" else None,
                                           batch_size=batch, quiet=quiet, opset=opset)
@@ -226,14 +226,15 @@ def run_export(checkpoint: str | Path, out: str | Path, method: str = "none", ca
 
 
 def _quantize_with_api(model, calib_inputs, inputs, method, w_bits, a_bits, batch, report, quiet, metrics, labels,
-                       fp32_logits):
+                       fp32_logits, w_group_size=None):
     """Calibrate + quantize through `mq_export.api` (the quantization stage's public functions)."""
     from .api import calibrate, quantize
     from .quantize import QuantConfig
 
     t0 = time.perf_counter()
     stats = calibrate(model, calib_inputs, batch_size=batch, quiet=quiet)
-    qmodel, settings = quantize(model, stats, QuantConfig(method=method, w_bits=w_bits, a_bits=a_bits), quiet=quiet)
+    qmodel, settings = quantize(model, stats, QuantConfig(method=method, w_bits=w_bits, a_bits=a_bits,
+                                                           w_group_size=w_group_size), quiet=quiet)
     report.settings.update(settings)
     report.seconds["quantize"] = time.perf_counter() - t0
     t0 = time.perf_counter()

@@ -9,7 +9,7 @@ import torch
 from mq_export import ort as mq_ort
 from mq_export.errors import MQExportError
 from mq_export.export import export_onnx
-from mq_export.loaders import load_classifier
+from mq_export.model import ClassifierConfig, MambaSequenceClassifier, MixerConfig
 
 logging.getLogger("torch.onnx").setLevel(logging.ERROR)
 
@@ -17,7 +17,8 @@ logging.getLogger("torch.onnx").setLevel(logging.ERROR)
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     path = tmp_path_factory.mktemp("ort") / "model.onnx"
-    model = load_classifier()
+    torch.manual_seed(0)
+    model = MambaSequenceClassifier(ClassifierConfig(mixer=MixerConfig(d_model=32), n_layers=2)).eval()
     export_onnx(model, path)
     return model, path
 
