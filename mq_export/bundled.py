@@ -6,10 +6,11 @@ from typing import Callable
 
 from torch import Tensor, nn
 
+from .charlm import CHARLM_DIR, CharTokenizer, charlm_splits, lm_metrics
 from .data import Split, mnist_splits
 from .errors import MQExportError
 from .evaluate import classification_metrics
-from .loaders import BUNDLED_CLASSIFIER, load_classifier
+from .loaders import BUNDLED_CLASSIFIER, load_classifier, load_lm
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,7 @@ class BundledModel:
     # (logits, labels, fp32 reference logits or None) → metrics dict
     metrics: Callable[[Tensor, Tensor, Tensor | None], dict]
     batch_size: int = 64
+    tokenizer: Callable[[], object] | None = None   # language models: text ↔ ids (encode/decode)
 
 
 BUNDLED: dict[str, BundledModel] = {
@@ -31,6 +33,16 @@ BUNDLED: dict[str, BundledModel] = {
         load=lambda: load_classifier(BUNDLED_CLASSIFIER),
         splits=mnist_splits,
         metrics=classification_metrics,
+    ),
+    "shakespeare-charlm": BundledModel(
+        name="shakespeare-charlm",
+        description="character-level LM on tinyshakespeare, 4 Mamba-1 layers (d_model 128), mamba-ssm layout; "
+                    "calibrates on a training-text slice, evaluates per-character perplexity on the test split",
+        load=lambda: load_lm(CHARLM_DIR),
+        splits=charlm_splits,
+        metrics=lm_metrics,
+        batch_size=16,
+        tokenizer=CharTokenizer.load,
     ),
 }
 

@@ -50,6 +50,16 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    import json
+    from .decode import run_generate
+    result = run_generate(args.model, args.prompt, args.tokens, backend=args.backend, greedy=args.greedy,
+                          method=args.method, w_bits=args.w_bits, a_bits=args.a_bits, seed=args.seed,
+                          temperature=args.temperature, onnx_dir=args.onnx_dir, compare=args.compare)
+    print(json.dumps(result, indent=2) if args.json else result["text"])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .bundled import BUNDLED
     from .demo import METHODS
@@ -122,6 +132,26 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--print-commands", action="store_true",
                         help="print the equivalent trtexec/polygraphy command lines instead of building")
     engine.set_defaults(func=_build_engine)
+
+    gen = sub.add_parser("generate", help="generate text with a bundled language model (shakespeare-charlm), "
+                         "decoding step by step in PyTorch or ONNX Runtime")
+    gen.add_argument("--model", default="shakespeare-charlm", help="bundled LM, or an LM directory with vocab.json")
+    gen.add_argument("--prompt", default="ROMEO:")
+    gen.add_argument("--tokens", type=int, default=200, help="characters to generate (default 200)")
+    gen.add_argument("--backend", default="torch", choices=("torch", "onnxruntime"))
+    gen.add_argument("--greedy", action="store_true", help="argmax decoding (default: sampling)")
+    gen.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    gen.add_argument("--method", default="none", choices=METHODS, help="quantize first (calibrated on the "
+                     "model's calibration split)")
+    gen.add_argument("--w-bits", type=int, default=8, choices=(8, 4))
+    gen.add_argument("--a-bits", type=int, default=8, choices=(8, 16))
+    gen.add_argument("--onnx-dir", default=None, metavar="DIR", help="keep the exported prefill.onnx and "
+                     "decode_step.onnx in DIR (onnxruntime backend)")
+    gen.add_argument("--compare", action="store_true", help="onnxruntime backend: also decode with PyTorch and "
+                     "report token equality and the largest per-step logit deviation")
+    gen.add_argument("--json", action="store_true", help="print a JSON result instead of the text")
+    gen.set_defaults(func=_generate)
     return parser
 
 

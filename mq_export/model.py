@@ -69,11 +69,20 @@ class MambaMixer(nn.Module):
         self.sites = nn.ModuleDict({name: ActivationSite() for name in
                                     ("in_proj", "x_proj", "dt_proj", "out_proj", "scan_B", "scan_C")})
 
-    def forward(self, hidden: Tensor) -> Tensor:
+    def forward(self, hidden: Tensor, state: tuple[Tensor, Tensor] | None = None):
+        """hidden (b, l, d_model) → (b, l, d_model). With `state` = (conv_state (b, d_inner, d_conv − 1):
+        the last conv inputs, ssm_state (b, d_inner, d_state)), the sequence continues from that
+        state and (output, new state) is returned: the same code serves prefill and decode steps."""
         cfg = self.cfg
         length = hidden.shape[1]
         x, z = self.in_proj(self.sites["in_proj"](hidden)).chunk(2, dim=-1)      # (b, l, d_inner)
-        x = F.silu(self.conv1d(x.transpose(1, 2))[..., :length])                 # (b, d_inner, l)
+        x = x.transpose(1, 2)
+        if state is None:
+            x = F.silu(self.conv1d(x)[..., :length])                             # (b, d_inner, l)
+        else:
+            x = torch.cat([state[0], x], dim=-1)              # the causal conv's window starts in the past
+            conv_state = x[..., x.shape[-1] - (cfg.d_conv - 1):]
+            x = F.silu(self.conv1d(x)[..., cfg.d_conv - 1:cfg.d_conv - 1 + length])
         x_dbl = self.x_proj(self.sites["x_proj"](x.transpose(1, 2)))
         dt, B, C = torch.split(x_dbl, [cfg.rank, cfg.d_state, cfg.d_state], dim=-1)
         # dt_proj's bias is applied inside the scan as delta_bias, as mamba-ssm does.
@@ -84,13 +93,17 @@ class MambaMixer(nn.Module):
         y = selective_scan(x, dt.transpose(1, 2), -torch.exp(self.A_log.float()),
                            B.transpose(1, 2), C.transpose(1, 2), self.D.float(),
                            z=z.transpose(1, 2) if gate_in_scan else None,
-                           delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
+                           delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+                           **({} if state is None else {"initial_state": state[1], "return_last_state": True}))
+        if state is not None:
+            y, ssm_state = y
         y = y.transpose(1, 2)                                                     # (b, l, d_inner)
         if not gate_in_scan:
             y = y * z * torch.sigmoid(self.gate_scale * z)
         if self.out_proj_input_rotation is not None:
             y = y @ self.out_proj_input_rotation
-        return self.out_proj(self.sites["out_proj"](y))
+        out = self.out_proj(self.sites["out_proj"](y))
+        return out if state is None else (out, (conv_state, ssm_state))
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,74 @@
+"""Decode benchmark on the bundled char LM: ONNX Runtime tokens/s of the FP32 and the quantized
+step graphs (batch 1, greedy), PyTorch step decoding for reference, and prefill time vs length.
+
+    python tools/bench_decode.py                       # FP32 vs MambaQuant W8A8, 2 threads
+    python tools/bench_decode.py --method rtn --tokens 500 --lengths 16 128 1024
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from mq_export.api import calibrate, load, quantize
+from mq_export.bundled import bundled
+from mq_export.decode import OrtDecoder, TorchDecoder, export_decode, generate
+
+
+def tokens_per_second(decoder, prompt: torch.Tensor, tokens: int, vocab: int) -> float:
+    generate(decoder, prompt, 8, vocab)                      # warm-up (session allocations)
+    t0 = time.perf_counter()
+    generate(decoder, prompt, tokens, vocab)
+    return tokens / (time.perf_counter() - t0)
+
+
+def prefill_ms(decoder, length: int, vocab: int, repeats: int) -> float:
+    ids = torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(length))
+    decoder.prefill(ids)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        decoder.prefill(ids)
+        best = min(best, time.perf_counter() - t0)
+    return 1000 * best
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="shakespeare-charlm")
+    p.add_argument("--method", default="mambaquant", help="quantization method of the INT8 graph")
+    p.add_argument("--tokens", type=int, default=300)
+    p.add_argument("--lengths", type=int, nargs="+", default=[16, 64, 256, 1024])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    spec = bundled(args.model)
+    tok = spec.tokenizer()
+    vocab = len(tok)
+    fp32 = load(args.model)
+    calib, evaluation = spec.splits(None)
+    stats = calibrate(fp32, calib, exclude=(evaluation,), batch_size=spec.batch_size, quiet=True)
+    int8, _ = quantize(fp32, stats, method=args.method, w_bits=8, a_bits=8, quiet=True)
+    prompt = tok.encode("ROMEO:")
+    print(f"{args.model}, batch 1, {args.threads} threads, {args.tokens} greedy tokens after a "
+          f"{len(prompt)}-character prompt; prefill: best of {args.repeats}")
+    rows = [("PyTorch FP32", TorchDecoder(fp32), None)]
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, model in (("ORT FP32", fp32), (f"ORT {args.method} W8A8", int8)):
+            ex = export_decode(model, Path(tmp) / name.replace(" ", "_"))
+            rows.append((name, OrtDecoder(ex.step, ex.prefill, threads=args.threads), ex))
+        header = ["backend", "tokens/s", *(f"prefill {n} ms" for n in args.lengths)]
+        print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+        for name, decoder, _ in rows:
+            tps = tokens_per_second(decoder, prompt, args.tokens, vocab)
+            pre = [prefill_ms(decoder, n, vocab, args.repeats) for n in args.lengths]
+            print(f"| {name} | {tps:.1f} | " + " | ".join(f"{v:.1f}" for v in pre) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
