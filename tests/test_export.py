@@ -283,3 +283,28 @@ def test_cli_export_refuses_non_empty_dir_and_bad_checkpoint(tmp_path, capsys):
     assert "checkpoint" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.pth", "exp"]
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_asymmetric_activation_sites_export_uint8_zero_points():
+    """The ORT-only asymmetric option: uint8 Q/DQ with the calibrated zero point."""
+    model = tiny_classifier()
+    x = torch.randn(4, 40, 1)
+    peaks = {}
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: peaks.__setitem__(n, (float(o.min()), float(o.max()))))
+             for n, m in model.named_modules() if hasattr(m, "quantizer")]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    for name, m in model.named_modules():
+        if hasattr(m, "quantizer"):
+            lo, hi = min(peaks[name][0], 0.0), max(peaks[name][1], 0.0)
+            scale = (hi - lo) / 255
+            m.quantizer = FakeQuantize(ActQuant(scale=scale, zero_point=int(round(-lo / scale)) or 1))
+    proto, _ = export_onnx(model)
+    nodes, inits = _qdq_nodes(proto)
+    assert nodes and all(inits[n.input[2]].dtype == np.uint8 and inits[n.input[2]].item() > 0 for n in nodes)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    out = mq_ort.OrtForward(mq_ort.session(proto))(x).numpy()
+    assert _rel(out, ref) < 1e-3
