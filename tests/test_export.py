@@ -308,3 +308,37 @@ def test_asymmetric_activation_sites_export_uint8_zero_points():
         ref = model(x).numpy()
     out = mq_ort.OrtForward(mq_ort.session(proto))(x).numpy()
     assert _rel(out, ref) < 1e-3
+
+
+class _StatefulScan(torch.nn.Module):
+    """A decode-style module: scan from a given state, return output and final state."""
+
+    def __init__(self):
+        super().__init__()
+        self.A = torch.nn.Parameter(-torch.rand(6, 4) * 2)
+        self.D = torch.nn.Parameter(torch.randn(6))
+
+    def forward(self, u, delta, B, C, state):
+        from mq_export import scan
+        return scan.selective_scan(u, delta, self.A, B, C, self.D, delta_softplus=True, initial_state=state,
+                                   return_last_state=True)
+
+
+def test_export_module_with_state_inputs_and_outputs():
+    module = _StatefulScan().eval()
+    t = random_scan_inputs(length=9)
+    args = (t["u"], t["delta"], t["B"], t["C"], torch.randn(2, 6, 4))
+    names = ["u", "delta", "B", "C", "state"]
+    axes = {n: {0: "batch", 2: "length"} for n in names[:4]}
+    axes["state"] = {0: "batch"}
+    proto, info = export_module(module, args, input_names=names, output_names=["y", "new_state"], dynamic_axes=axes)
+    assert info.scan_spec["has_initial_state"] == 1 and info.scan_spec["return_last_state"] == 1
+    sess = mq_ort.session(proto)
+    for length in (1, 17):
+        t = random_scan_inputs(length=length)
+        args = (t["u"], t["delta"], t["B"], t["C"], torch.randn(2, 6, 4))
+        with torch.no_grad():
+            ref_y, ref_h = module(*args)
+        y, h = sess.run(None, {n: a.numpy() for n, a in zip(names, args)})
+        np.testing.assert_allclose(y, ref_y.numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(h, ref_h.numpy(), rtol=1e-4, atol=1e-5)
