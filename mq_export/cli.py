@@ -45,7 +45,7 @@ def _export(args: argparse.Namespace) -> int:
     from .validate_onnx import run_export
     report = run_export(args.checkpoint, Path(args.output), method=args.method, calib=args.calib,
                         w_bits=args.w_bits, a_bits=args.a_bits, opset=args.opset, limit=args.limit,
-                        force=args.force, quiet=args.json, w_group_size=args.w_group_size)
+                        force=args.force, quiet=args.json, w_group_size=args.w_group_size, decode=args.decode)
     print(report.to_json() if args.json else report.table(), end="" if args.json else "\n")
     return 0
 
@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate on N images (classifiers)")
     export.add_argument("--json", action="store_true", help="print report.json to stdout (no progress bars)")
     export.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    export.add_argument("--decode", action="store_true", help="language models: also write the stateful "
+                        "DIR/prefill.onnx and DIR/decode_step.onnx (past/present conv and SSM states per layer)")
     export.set_defaults(func=_export)
 
     validate = sub.add_parser("validate", help="run an exported model.onnx in ONNX Runtime on the evaluation "

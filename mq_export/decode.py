@@ -253,3 +253,18 @@ def run_generate(model: str | Path, prompt: str, tokens: int, backend: str = "to
     result["tokens"] = new
     result["text"] = prompt + tok.decode(new)
     return result
+
+
+def check_decode(model: MambaLMHeadModel, ex: DecodeExport, input_ids: Tensor, prefix: int = 8) -> dict:
+    """Prefill `prefix` tokens of `input_ids` (b, l) with prefill.onnx, step through the rest with
+    decode_step.onnx, and compare every logit with the PyTorch full-sequence forward."""
+    with torch.inference_mode():
+        reference = model(input_ids)
+    decoder = OrtDecoder(ex.step, ex.prefill)
+    pieces = [decoder.prefill(input_ids[:, :prefix])]
+    pieces += [decoder.step(input_ids[:, t:t + 1]) for t in range(prefix, input_ids.shape[1])]
+    error = (torch.cat(pieces, 1) - reference).abs()
+    return {"tokens": int(input_ids.numel()), "prefill_tokens": prefix,
+            "max_abs_error_vs_pytorch": float(error.max()),
+            "argmax_agreement_vs_pytorch": float((torch.cat(pieces, 1).argmax(-1) == reference.argmax(-1))
+                                                 .double().mean())}

@@ -165,8 +165,9 @@ def load_calibration_file(path: str | Path, model: nn.Module) -> Tensor:
 
 def run_export(checkpoint: str | Path, out: str | Path, method: str = "none", calib: str | Path | None = None,
                w_bits: int = 8, a_bits: int = 8, opset: int | None = None, limit: int | None = None,
-               force: bool = False, quiet: bool = False, w_group_size: int | None = None):
-    """`mq-export export`: a user's checkpoint → DIR/model.onnx + DIR/report.json."""
+               force: bool = False, quiet: bool = False, w_group_size: int | None = None, decode: bool = False):
+    """`mq-export export`: a user's checkpoint → DIR/model.onnx + DIR/report.json (`decode`: also the
+    stateful prefill.onnx and decode_step.onnx of a language model, see decode.py)."""
     from .data import mnist_splits
     from .evaluate import classification_metrics
     from .loaders import load_checkpoint
@@ -183,6 +184,8 @@ def run_export(checkpoint: str | Path, out: str | Path, method: str = "none", ca
     model = load_checkpoint(checkpoint)   # rejects bad checkpoints before anything is written
     calib_inputs = load_calibration_file(calib, model) if calib is not None else None
     is_lm = isinstance(model, MambaLMHeadModel)
+    if decode and not is_lm:
+        raise MQExportError(f"--decode exports a language model's step graph; {checkpoint} is a classifier")
     with staged_output_dir(out, force) as staging:
         labels, metrics = None, None
         if is_lm:
@@ -220,6 +223,13 @@ def run_export(checkpoint: str | Path, out: str | Path, method: str = "none", ca
         report.settings["onnx"] = info
         report.seconds.update(seconds)
         report.artifacts["onnx"] = ONNX_NAME
+        if decode:
+            from .decode import check_decode, export_decode
+            t0 = time.perf_counter()
+            ex = export_decode(model, staging, opset=opset)
+            report.settings["decode"] = {**ex.info, "check": check_decode(model, ex, inputs[:2, :32])}
+            report.seconds["export_decode"] = time.perf_counter() - t0
+            report.artifacts["decode_step"], report.artifacts["prefill"] = ex.step.name, ex.prefill.name
         report.artifacts["report"] = "report.json"
         (staging / "report.json").write_text(report.to_json())
     return report

@@ -6,8 +6,9 @@ import onnx
 import pytest
 import torch
 
-from mq_export.decode import (OrtDecoder, TorchDecoder, export_decode, forward_with_state, generate,
+from mq_export.decode import (OrtDecoder, TorchDecoder, check_decode, export_decode, forward_with_state, generate,
                               state_names, zero_state)
+from mq_export.errors import MQExportError
 from mq_export.model import LMConfig, MambaLMHeadModel, MixerConfig
 from mq_export.ops import SCAN_DOMAIN, SCAN_OP_TYPE
 
@@ -90,3 +91,17 @@ def test_sampling_is_seeded() -> None:
     first = generate(TorchDecoder(model), torch.tensor([0]), 10, 11, greedy=False, seed=3)[0]
     again = generate(TorchDecoder(model), torch.tensor([0]), 10, 11, greedy=False, seed=3)[0]
     assert first == again and all(0 <= t < 11 for t in first)
+
+
+def test_check_decode_reports_agreement(exported) -> None:
+    model, ex = exported
+    check = check_decode(model, ex, torch.randint(0, 11, (2, 12)), prefix=4)
+    assert check["max_abs_error_vs_pytorch"] < 1e-4 and check["argmax_agreement_vs_pytorch"] == 1.0
+
+
+def test_export_decode_refuses_a_classifier(tmp_path) -> None:
+    from mq_export.loaders import BUNDLED_CLASSIFIER
+    from mq_export.validate_onnx import run_export
+    with pytest.raises(MQExportError, match="--decode"):
+        run_export(BUNDLED_CLASSIFIER, tmp_path / "out", decode=True)
+    assert not (tmp_path / "out").exists()
