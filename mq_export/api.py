@@ -48,6 +48,21 @@ def quantize(model: nn.Module, stats: CalibrationStats, config: QuantConfig | No
     return _quantize(model, stats, config, quiet)
 
 
+def export_onnx(model: nn.Module, path: str | Path, opset: int | None = None) -> dict:
+    """Write `model` (fp32 or fake-quantized) to an ONNX file: one SelectiveScan node + local
+    function per scan, Q/DQ at the quant sites, dynamic batch/length. Returns what was exported
+    (opset, scan variant, Q/DQ sites, weight storage). Any other module: `export.export_module`."""
+    from .export import export_onnx as _export_onnx
+    return _export_onnx(model, path, opset=opset)[1].to_dict()
+
+
+def onnxruntime_forward(path: str | Path, scan_kernel: bool = False) -> Forward:
+    """A logits function over an ONNX Runtime session of `path`, usable with `validate`.
+    `scan_kernel`: SelectiveScan through the registered onnxruntime-extensions kernel."""
+    from .ort import OrtForward, session
+    return OrtForward(session(path, scan_kernel=scan_kernel))
+
+
 def validate(model: nn.Module | Forward, split: Split, metrics, reference_logits: Tensor | None = None,
              batch_size: int = 64, desc: str = "evaluate", quiet: bool = False) -> tuple[dict, Tensor]:
     """Run `model` (a module or any logits function: an ONNX Runtime or TensorRT session wrapper)
