@@ -102,9 +102,8 @@ def export_decode(model: MambaLMHeadModel, directory: str | Path, opset: int | N
     state = [t.normal_(generator=gen) for layer in zero_state(model, batch) for t in layer]
     module = StatefulLM(model).eval()
     info = {}
-    # The step graph's scan body runs chunks of 2 steps (one is Δ = 0 padding, which leaves the
-    # state unchanged): export.scan_function mis-builds its Split for a chunk of 1.
-    for path, length, chunk in ((directory / STEP_FILE, 1, 2), (directory / PREFILL_FILE, 37, None)):
+    # The step graph's scan body is one unrolled step; prefill keeps the default chunking.
+    for path, length, chunk in ((directory / STEP_FILE, 1, 1), (directory / PREFILL_FILE, 37, None)):
         ids = torch.randint(0, model.cfg.vocab_size, (batch, length), generator=gen)
         axes = {name: {0: "batch"} for name in past + present}
         axes["input_ids"] = {0: "batch"} if length == 1 else {0: "batch", 1: "length"}

@@ -151,11 +151,12 @@ class _Builder:
         self.nodes: list[onnx.NodeProto] = []
         self.count = 0
 
-    def __call__(self, op: str, inputs: Sequence[str], n_out: int = 1, **attrs) -> str | list[str]:
+    def __call__(self, op: str, inputs: Sequence[str], n_out: int | None = None, **attrs) -> str | list[str]:
+        """One output name, or a list of `n_out` names when `n_out` is given (even if it is 1)."""
         self.count += 1
-        outs = [f"{self.prefix}{op.lower()}{self.count}" + (f"_{i}" if n_out > 1 else "") for i in range(n_out)]
+        outs = [f"{self.prefix}{op.lower()}{self.count}_{i}" for i in range(n_out or 1)]
         self.nodes.append(helper.make_node(op, list(inputs), outs, name=f"{self.prefix}{op}{self.count}", **attrs))
-        return outs[0] if n_out == 1 else outs
+        return outs if n_out is not None else outs[0]
 
     def const(self, value, dtype=np.int64) -> str:
         self.count += 1

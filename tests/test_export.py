@@ -106,14 +106,15 @@ def test_reference_evaluator_matches_pytorch(classifier, fp32_export):
 @pytest.mark.parametrize("spec", [SelectiveScanSpec(), SelectiveScanSpec(has_z=False),
                                   SelectiveScanSpec(delta_softplus=False, has_D=False, has_delta_bias=False),
                                   SelectiveScanSpec(has_initial_state=True, return_last_state=True)])
-@pytest.mark.parametrize("length", [1, 23, 40])
-def test_scan_function_body_matches_reference(spec, length):
-    """The function body alone, every variant, lengths below/at/above whole chunks."""
+@pytest.mark.parametrize("length, chunk", [(1, 8), (23, 8), (40, 8), (5, 1)])
+def test_scan_function_body_matches_reference(spec, length, chunk):
+    """The function body alone, every variant, lengths below/at/above whole chunks, and the
+    one-step body the decode graph uses."""
     import onnxruntime as ort
 
     t = random_scan_inputs(length=length)
     t["initial_state"] = torch.randn(2, 6, 4)
-    fn = scan_function(spec, 18, chunk=8)
+    fn = scan_function(spec, 18, chunk=chunk)
     names = spec.input_names()
     node = onnx.helper.make_node(SCAN_OP_TYPE, names, spec.output_names(), domain=SCAN_DOMAIN, **spec.attributes())
     vi = lambda n: onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)  # noqa: E731
