@@ -34,7 +34,13 @@ def _build_engine(args: argparse.Namespace) -> int:
 
 def _validate(args: argparse.Namespace) -> int:
     import json
-    from .validate_onnx import validate_onnx_file
+    from .validate_onnx import validate_engine_file, validate_onnx_file
+    if args.engine:
+        if not args.plugin:
+            raise MQExportError("--engine needs --plugin PATH (libmq_trt_plugins.so from plugins/)")
+        result = validate_engine_file(args.engine, args.plugin, args.onnx, model=args.model)
+        print(json.dumps(result, indent=2))
+        return 0 if result["passed"] else 1
     result = validate_onnx_file(args.onnx, model=args.model, limit=args.limit, scan_kernel=args.scan_kernel,
                                 quiet=args.json)
     print(json.dumps(result, indent=2))
@@ -118,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--scan-kernel", action="store_true", help="run SelectiveScan through the registered "
                           "onnxruntime-extensions kernel instead of the function body")
     validate.add_argument("--json", action="store_true", help="no progress bars")
+    validate.add_argument("--engine", metavar="ENGINE", help="compare this TensorRT engine (built from MODEL.onnx) "
+                          "with ONNX Runtime instead (needs TensorRT and a GPU)")
+    validate.add_argument("--plugin", metavar="PATH", help="plugin library for --engine")
     validate.set_defaults(func=_validate)
 
     engine = sub.add_parser("build-engine", help="build a TensorRT engine from an exported ONNX file "

@@ -71,6 +71,25 @@ def onnx_stage(model: nn.Module, inputs: Tensor, staging: Path, reference_logits
 
 # ------------------------------------------------------------------ `mq-export validate`
 
+def validate_engine_file(engine_path: str | Path, plugin_path: str | Path, onnx_path: str | Path,
+                         model: str = "mnist", batch: int = 64) -> dict:
+    """`mq-export validate --engine`: the TensorRT engine against ONNX Runtime on one batch of the
+    bundled model's evaluation data (needs TensorRT and a GPU; a clear error otherwise)."""
+    import dataclasses
+
+    import onnx
+
+    from .bundled import bundled
+    from .engine import validate_engine
+
+    _, evaluation = bundled(model).splits(batch)
+    input_name = onnx.load(str(onnx_path), load_external_data=False).graph.input[0].name
+    comparisons = validate_engine(engine_path, plugin_path, onnx_path, {input_name: evaluation.inputs.numpy()})
+    return {"engine": str(engine_path), "onnx": str(onnx_path), "samples": len(evaluation),
+            "outputs": [dataclasses.asdict(c) for c in comparisons],
+            "passed": all(c.passed for c in comparisons)}
+
+
 def validate_onnx_file(onnx_path: str | Path, model: str = "mnist", limit: int | None = 2000,
                        batch_size: int = 64, scan_kernel: bool = False, quiet: bool = False) -> dict:
     """ONNX Runtime on the evaluation data vs the FP32 PyTorch model (`model`: a bundled name or a

@@ -2,10 +2,9 @@ import json
 import subprocess
 import sys
 
-import torch
+import pytest
 
 from mq_export.cli import main
-from mq_export.loaders import BUNDLED_CLASSIFIER
 
 
 def run_cli(*args):
@@ -46,3 +45,28 @@ def test_limit_must_be_positive(tmp_path):
     proc = run_cli("demo", "-o", str(tmp_path / "o"), "--limit", "0")
     assert proc.returncode != 0 and "--limit must be positive" in proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def _identity_onnx(path):
+    import onnx
+    from onnx import TensorProto, helper
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+
+
+def test_engine_commands_without_tensorrt_fail_in_one_line(tmp_path):
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("TensorRT is installed here; this checks the error a machine without it gives")
+    except ImportError:
+        pass
+    model = tmp_path / "m.onnx"
+    _identity_onnx(model)
+    for args in (("build-engine", str(model), "--plugin", "p.so", "-o", str(tmp_path / "m.engine")),
+                 ("validate", str(model), "--engine", "m.engine", "--plugin", "p.so")):
+        proc = run_cli(*args)
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr
+        assert proc.stderr.strip().count("\n") == 0 and "'tensorrt' is not installed" in proc.stderr
+    assert not (tmp_path / "m.engine").exists()
