@@ -229,14 +229,16 @@ def scan_function(spec: SelectiveScanSpec, opset: int, chunk: int = DEFAULT_CHUN
     g = _Builder("body_")
     it, cond_in, h_in = "body_iter", "body_cond", "body_h"
     ones = g.const([1] * T)
-    dls = g("Split", [g("Gather", [dlt_c, it], axis=0), ones], n_out=T, axis=0)   # T × (1, b, 1, d)
-    dus = g("Split", [g("Gather", [du_c, it], axis=0), ones], n_out=T, axis=0)    # T × (1, b, 1, d)
-    bs = g("Split", [g("Gather", [b_c, it], axis=0), ones], n_out=T, axis=0)      # T × (1, b, n, 1)
+    # All of the chunk's decays and inputs in three big nodes (few large nodes beat many small
+    # ones in ORT), then two elementwise nodes per step for the recurrence itself.
+    decays = g("Exp", [g("Mul", [g("Gather", [dlt_c, it], axis=0), a_t])])        # (T, b, n, d)
+    inputs_bu = g("Mul", [g("Gather", [du_c, it], axis=0), g("Gather", [b_c, it], axis=0)])  # (T, b, n, d)
+    decay_steps = g("Split", [decays, ones], n_out=T, axis=0)                     # T × (1, b, n, d)
+    input_steps = g("Split", [inputs_bu, ones], n_out=T, axis=0)                  # T × (1, b, n, d)
     ci = g("Gather", [c_c, it], axis=0)                                           # (T, b, 1, n)
     h, states = h_in, []
     for t in range(T):
-        decay = g("Exp", [g("Mul", [dls[t], a_t])])                          # (1, b, n, d)
-        h = g("Add", [g("Mul", [decay, h]), g("Mul", [dus[t], bs[t]])])      # (1, b, n, d)
+        h = g("Add", [g("Mul", [decay_steps[t], h]), input_steps[t]])        # (1, b, n, d)
         states.append(h)
     hs = g("Concat", states, axis=0)                                         # (T, b, n, d)
     y_chunk = g("MatMul", [ci, hs])                                          # (T, b, 1, d): h·C
