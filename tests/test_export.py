@@ -42,18 +42,24 @@ def _rel(a, b):
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
-def _fake_quantize(model, x, bits=8, group=None):
-    """Hand-built quantizers in the qspec contract: max-calibrated sites, RTN weights."""
-    peaks = {}
-    hooks = [m.register_forward_hook(lambda m, i, o, n=n: peaks.__setitem__(n, float(o.abs().max())))
+def _site_ranges(model, x) -> dict[str, tuple[float, float]]:
+    """(min, max) of every activation site's input on `x`."""
+    ranges = {}
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: ranges.__setitem__(n, (float(o.min()), float(o.max()))))
              for n, m in model.named_modules() if hasattr(m, "quantizer")]
     with torch.no_grad():
         model(x)
     for h in hooks:
         h.remove()
+    return ranges
+
+
+def _fake_quantize(model, x, bits=8, group=None):
+    """Hand-built quantizers in the qspec contract: max-calibrated sites, RTN weights."""
+    ranges = _site_ranges(model, x)
     for name, m in model.named_modules():
         if hasattr(m, "quantizer"):
-            m.quantizer = FakeQuantize(ActQuant(scale=peaks[name] / 127))
+            m.quantizer = FakeQuantize(ActQuant(scale=max(map(abs, ranges[name])) / 127))
         if isinstance(m, torch.nn.Linear) and m.in_features >= 4:
             w, qmax = m.weight.data, 2 ** (bits - 1) - 1
             g = group if group and m.in_features % group == 0 else None
@@ -290,16 +296,10 @@ def test_asymmetric_activation_sites_export_uint8_zero_points():
     """The ORT-only asymmetric option: uint8 Q/DQ with the calibrated zero point."""
     model = tiny_classifier()
     x = torch.randn(4, 40, 1)
-    peaks = {}
-    hooks = [m.register_forward_hook(lambda m, i, o, n=n: peaks.__setitem__(n, (float(o.min()), float(o.max()))))
-             for n, m in model.named_modules() if hasattr(m, "quantizer")]
-    with torch.no_grad():
-        model(x)
-    for h in hooks:
-        h.remove()
+    ranges = _site_ranges(model, x)
     for name, m in model.named_modules():
         if hasattr(m, "quantizer"):
-            lo, hi = min(peaks[name][0], 0.0), max(peaks[name][1], 0.0)
+            lo, hi = min(ranges[name][0], 0.0), max(ranges[name][1], 0.0)
             scale = (hi - lo) / 255
             m.quantizer = FakeQuantize(ActQuant(scale=scale, zero_point=int(round(-lo / scale)) or 1))
     proto, _ = export_onnx(model)
