@@ -52,7 +52,7 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
                    D: Tensor | None = None, z: Tensor | None = None,
                    delta_bias: Tensor | None = None, delta_softplus: bool = False,
                    return_last_state: bool = False, initial_state: Tensor | None = None,
-                   chunk: int = 16):
+                   chunk: int = 8):
     """Fast CPU scan, equal to `selective_scan_reference`.
 
     Per chunk of time steps, the decays exp(Δ·A) and inputs Δ·B·u are computed for all steps
