@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--w-bits", type=int, default=8, choices=(8, 4))
     demo.add_argument("--a-bits", type=int, default=8, choices=(8, 16))
     demo.add_argument("--limit", type=int, default=None, metavar="N",
-                      help="evaluate on the first N images of the evaluation split")
+                      help="evaluate on the first N samples of the evaluation split (images or text windows)")
     demo.add_argument("--json", action="store_true", help="print report.json to stdout (no progress bars)")
     demo.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     demo.add_argument("--seed", type=int, default=0, help="seed of every random Hadamard sign (default 0)")
