@@ -5,11 +5,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .api import calibrate, quantize, validate
+from .api import validate
 from .bundled import bundled
 from .output import staged_output_dir
 from .quantize import QuantConfig
 from .report import Report
+from .stages import quantize_stage
 
 METHODS = ("none", "rtn", "smoothquant", "hadamard", "mambaquant")
 
@@ -53,19 +54,12 @@ def run_demo(cfg: DemoConfig) -> Report:
         report.seconds["fp32"] = time.perf_counter() - t0
 
         if quantized:
-            t0 = time.perf_counter()
-            stats = calibrate(model, calib, exclude=(evaluation,), batch_size=spec.batch_size, quiet=cfg.quiet)
             qcfg = QuantConfig(method=cfg.method, w_bits=cfg.w_bits, a_bits=cfg.a_bits, calibrator=cfg.calibrator,
                                asymmetric=cfg.asymmetric, w_group_size=cfg.w_group_size, gptq=cfg.gptq,
                                alpha=cfg.alpha, seed=cfg.seed)
-            model, settings = quantize(model, stats, qcfg, quiet=cfg.quiet)
-            report.settings.update(settings)
-            report.seconds["quantize"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            report.backends["fake_quant"], fq_logits = validate(model, evaluation, spec.metrics, fp32_logits,
-                                                        batch_size=spec.batch_size, desc="fake-quant",
-                                                        quiet=cfg.quiet)
-            report.seconds["fake_quant"] = time.perf_counter() - t0
+            model, fq_logits, stats = quantize_stage(
+                model, calib, evaluation.inputs, qcfg, report, labels=evaluation.labels, metrics=spec.metrics,
+                fp32_logits=fp32_logits, exclude=(evaluation,), batch_size=spec.batch_size, quiet=cfg.quiet)
             if cfg.plot:
                 from .plots import plot_activation_ranges
                 plot_activation_ranges(stats, model, staging / "activation_ranges.png", cfg.method)

@@ -206,7 +206,7 @@ def run_export(checkpoint: str | Path, out: str | Path, method: str = "none", ca
     if decode and not is_lm:
         raise MQExportError(f"--decode exports a language model's step graph; {checkpoint} is a classifier")
     with staged_output_dir(out, force) as staging:
-        labels, metrics = None, None
+        labels, metrics, exclude = None, None, ()
         if is_lm:
             g = torch.Generator().manual_seed(0)
             inputs = calib_inputs[:8] if calib_inputs is not None else \
@@ -215,6 +215,7 @@ def run_export(checkpoint: str | Path, out: str | Path, method: str = "none", ca
         elif model.cfg.d_input == 1 and model.cfg.n_classes == 10:
             _, evaluation = mnist_splits(limit)
             inputs, labels, metrics = evaluation.inputs, evaluation.labels, classification_metrics
+            exclude = (evaluation,)   # a user's calibration file must not overlap the images scored here
             eval_info, batch = {"samples": len(evaluation), "split": evaluation.name}, 64
         else:
             if calib_inputs is None:
@@ -233,8 +234,13 @@ def run_export(checkpoint: str | Path, out: str | Path, method: str = "none", ca
         report.backends["fp32"] = metrics(fp32_logits, labels, None) if metrics else {}
         reference = fp32_logits
         if method != "none":
-            model, reference = _quantize_with_api(model, calib_inputs, inputs, method, w_bits, a_bits, batch,
-                                                  report, quiet, metrics, labels, fp32_logits, w_group_size)
+            from .quantize import QuantConfig
+            from .stages import quantize_stage
+            model, reference, _ = quantize_stage(
+                model, calib_inputs, inputs, QuantConfig(method=method, w_bits=w_bits, a_bits=a_bits,
+                                                         w_group_size=w_group_size), report,
+                labels=labels, metrics=metrics, fp32_logits=fp32_logits, exclude=exclude, batch_size=batch,
+                quiet=quiet)
         block, info, seconds = onnx_stage(model, inputs, staging, reference, labels=labels, metrics=metrics,
                                           fp32_logits=fp32_logits if method != "none" else None,
                                           batch_size=batch, quiet=quiet, opset=opset)
@@ -252,22 +258,3 @@ def run_export(checkpoint: str | Path, out: str | Path, method: str = "none", ca
         report.artifacts["report"] = "report.json"
         (staging / "report.json").write_text(report.to_json())
     return report
-
-
-def _quantize_with_api(model, calib_inputs, inputs, method, w_bits, a_bits, batch, report, quiet, metrics, labels,
-                       fp32_logits, w_group_size=None):
-    """Calibrate + quantize through `mq_export.api` (the quantization stage's public functions)."""
-    from .api import calibrate, quantize
-    from .quantize import QuantConfig
-
-    t0 = time.perf_counter()
-    stats = calibrate(model, calib_inputs, batch_size=batch, quiet=quiet)
-    qmodel, settings = quantize(model, stats, QuantConfig(method=method, w_bits=w_bits, a_bits=a_bits,
-                                                           w_group_size=w_group_size), quiet=quiet)
-    report.settings.update(settings)
-    report.seconds["quantize"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    logits = batched_logits(qmodel, inputs, batch_size=batch, desc="fake-quant", quiet=quiet)
-    report.seconds["fake_quant"] = time.perf_counter() - t0
-    report.backends["fake_quant"] = metrics(logits, labels, fp32_logits) if metrics and labels is not None else {}
-    return qmodel, logits

@@ -292,6 +292,20 @@ def test_cli_export_refuses_non_empty_dir_and_bad_checkpoint(tmp_path, capsys):
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
+def test_cli_export_refuses_calibration_overlapping_the_evaluation_images(tmp_path, capsys):
+    from mq_export.cli import main
+    from mq_export.data import mnist_test
+    from mq_export.loaders import BUNDLED_CLASSIFIER
+
+    calib = tmp_path / "calib.pt"
+    torch.save(mnist_test()[0][:16].clone(), calib)   # the first evaluation images
+    out = tmp_path / "exp"
+    assert main(["export", str(BUNDLED_CLASSIFIER), "-o", str(out), "--method", "rtn", "--calib", str(calib),
+                 "--limit", "32"]) != 0
+    assert "overlaps the evaluation split" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.pt"]
+
+
 def test_asymmetric_activation_sites_export_uint8_zero_points():
     """The ORT-only asymmetric option: uint8 Q/DQ with the calibrated zero point."""
     model = tiny_classifier()
