@@ -83,14 +83,15 @@ class MambaMixer(nn.Module):
             x = torch.cat([state[0], x], dim=-1)              # the causal conv's window starts in the past
             conv_state = x[..., x.shape[-1] - (cfg.d_conv - 1):]
             x = F.silu(self.conv1d(x)[..., cfg.d_conv - 1:cfg.d_conv - 1 + length])
-        x_dbl = self.x_proj(self.sites["x_proj"](x.transpose(1, 2)))
+        x = x.transpose(1, 2).contiguous()          # (b, l, d_inner): x_proj's input and the scan's u
+        x_dbl = self.x_proj(self.sites["x_proj"](x))
         dt, B, C = torch.split(x_dbl, [cfg.rank, cfg.d_state, cfg.d_state], dim=-1)
         # dt_proj's bias is applied inside the scan as delta_bias, as mamba-ssm does.
         dt = F.linear(self.sites["dt_proj"](dt), self.dt_proj.weight)
         B = self.sites["scan_B"](B)
         C = self.sites["scan_C"](C)
         gate_in_scan = self.gate_scale is None
-        y = selective_scan(x, dt.transpose(1, 2), -torch.exp(self.A_log.float()),
+        y = selective_scan(x.transpose(1, 2), dt.transpose(1, 2), -torch.exp(self.A_log.float()),
                            B.transpose(1, 2), C.transpose(1, 2), self.D.float(),
                            z=z.transpose(1, 2) if gate_in_scan else None,
                            delta_bias=self.dt_proj.bias.float(), delta_softplus=True,

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import cpu_kernel
+
 
 def _discretize_delta(delta: Tensor, delta_bias: Tensor | None, delta_softplus: bool) -> Tensor:
     if delta_bias is not None:
@@ -51,20 +53,34 @@ def selective_scan_reference(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: 
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
                    D: Tensor | None = None, z: Tensor | None = None,
                    delta_bias: Tensor | None = None, delta_softplus: bool = False,
-                   return_last_state: bool = False, initial_state: Tensor | None = None,
-                   chunk: int = 8):
-    """Fast CPU scan, equal to `selective_scan_reference`.
+                   return_last_state: bool = False, initial_state: Tensor | None = None):
+    """The scan the models call, equal to `selective_scan_reference`: the fused C kernel
+    (`cpu_kernel`) for fp32 CPU inputs where it builds, else `selective_scan_chunked`, and the
+    differentiable reference when autograd needs it."""
+    tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        # Neither fast path is differentiable; training takes the reference.
+        return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                        return_last_state, initial_state)
+    if cpu_kernel.supports(*tensors):
+        return cpu_kernel.selective_scan_fused(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                               initial_state, return_last_state)
+    return selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                  return_last_state, initial_state)
+
+
+def selective_scan_chunked(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                           D: Tensor | None = None, z: Tensor | None = None,
+                           delta_bias: Tensor | None = None, delta_softplus: bool = False,
+                           return_last_state: bool = False, initial_state: Tensor | None = None,
+                           chunk: int = 8):
+    """Tensor-at-a-time scan in PyTorch (any device and dtype), equal to `selective_scan_reference`.
 
     Per chunk of time steps, the decays exp(Δ·A) and inputs Δ·B·u are computed for all steps
     at once; the recurrence then runs in place over a contiguous (b, d, n) slab per step, and the
     read-out against C is one multiply-reduce per chunk. Time-major layout keeps every step's
     slab contiguous.
     """
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                       for t in (u, delta, A, B, C, D, z, delta_bias, initial_state)):
-        # The in-place recurrence below is not differentiable; training takes the reference.
-        return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                                        return_last_state, initial_state)
     delta = _discretize_delta(delta, delta_bias, delta_softplus)
     b, d, length = u.shape
     n = A.shape[1]
