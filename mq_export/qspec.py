@@ -43,8 +43,13 @@ class FakeQuantize(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         p = self.params
         qmin, qmax = p.qrange
-        q = torch.clamp(torch.round(x / p.scale) + p.zero_point, qmin, qmax)
-        return (q - p.zero_point) * p.scale
+        # In place on one fresh tensor: these activations are large, and each pass is memory-bound.
+        q = torch.round(x / p.scale)
+        if p.zero_point:
+            q.add_(p.zero_point).clamp_(qmin, qmax).sub_(p.zero_point)
+        else:
+            q.clamp_(qmin, qmax)
+        return q.mul_(p.scale)
 
     def extra_repr(self) -> str:
         return f"scale={self.params.scale:.4g}, zero_point={self.params.zero_point}, bits={self.params.bits}"

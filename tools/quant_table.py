@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="calibration images used by --calibrator auto's selection (default 128)")
     parser.add_argument("--range-samples", type=int, default=512,
                         help="calibration images for each transformed model's range pass (default 512)")
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--calibrator", default="auto")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
