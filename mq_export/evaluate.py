@@ -6,6 +6,8 @@ metrics here are computed the same way for all of them.
 from __future__ import annotations
 
 import sys
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from typing import Callable
 
 import torch
@@ -20,16 +22,23 @@ def progress_enabled(quiet: bool = False) -> bool:
     return not quiet and sys.stderr.isatty()
 
 
-@torch.inference_mode()
 def batched_logits(forward: Forward, inputs: Tensor, batch_size: int = 64, desc: str = "evaluate",
-                   quiet: bool = False) -> Tensor:
-    """Logits for all `inputs`, in batches, with a progress bar on a terminal."""
-    # The scan's decays drive states into subnormals, which are slow on x86 and change nothing here.
-    torch.set_flush_denormal(True)
-    outs = []
-    for start in tqdm(range(0, len(inputs), batch_size), desc=desc, unit="batch",
-                      disable=not progress_enabled(quiet), leave=False):
-        outs.append(forward(inputs[start:start + batch_size]).float())
+                   quiet: bool = False, workers: int = 1) -> Tensor:
+    """Logits for all `inputs`, in batches, with a progress bar on a terminal. `workers` > 1 runs
+    that many batches at once from threads, for a single-threaded forward that releases the GIL
+    (an ONNX Runtime session with one intra-op thread)."""
+    def run(start: int) -> Tensor:
+        # Per thread: the scan's decays drive states into subnormals, which are slow on x86 and
+        # change nothing here; inference mode is thread-local too.
+        torch.set_flush_denormal(True)
+        with torch.inference_mode():
+            return forward(inputs[start:start + batch_size]).float()
+
+    starts = range(0, len(inputs), batch_size)
+    with ThreadPoolExecutor(workers) if workers > 1 else nullcontext() as pool:
+        results = pool.map(run, starts) if pool else map(run, starts)
+        outs = list(tqdm(results, total=len(starts), desc=desc, unit="batch",
+                         disable=not progress_enabled(quiet), leave=False))
     return torch.cat(outs)
 
 
