@@ -69,8 +69,13 @@ class SiteStats:
 
     @property
     def second_moment(self) -> Tensor:
-        """E[x xᵀ] (fp64): the KLT covariance and the GPTQ Hessian (up to a factor)."""
+        """E[x xᵀ] (fp64): the GPTQ Hessian (up to a factor)."""
         return self.sum_outer / max(self.count, 1)
+
+    @property
+    def covariance(self) -> Tensor:
+        """E[(x − μ)(x − μ)ᵀ] (fp64): what the KLT diagonalises."""
+        return self.second_moment - self.mean[:, None] * self.mean[None, :]
 
     @property
     def mean(self) -> Tensor:

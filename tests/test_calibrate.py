@@ -22,6 +22,8 @@ def test_summaries_are_exact_and_bounded():
     stats = _stats(x, parts=3)
     assert torch.equal(stats.absmax, x.abs().amax(0))
     assert torch.allclose(stats.second_moment, x.double().T @ x.double() / len(x))
+    shifted = _stats(x + torch.arange(6.0), parts=3)      # the KLT's covariance ignores a mean offset
+    assert torch.allclose(shifted.covariance, torch.cov(x.double().T, correction=0))
     assert stats.hist.shape == (2 * HIST_HALF_BINS,) and stats.hist.sum() == x.numel()
     assert stats.hist_range >= float(x.abs().max())
 
