@@ -74,7 +74,7 @@ class _Trace:
 
 def _scan_as_node(trace: _Trace):
     def selective_scan_node(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                            return_last_state=False, initial_state=None, chunk=16):
+                            return_last_state=False, initial_state=None):
         spec = SelectiveScanSpec(delta_softplus=bool(delta_softplus), has_D=D is not None, has_z=z is not None,
                                  has_delta_bias=delta_bias is not None,
                                  has_initial_state=initial_state is not None,
@@ -238,7 +238,7 @@ def scan_function(spec: SelectiveScanSpec, opset: int, chunk: int = DEFAULT_CHUN
         decay = g("Exp", [g("Mul", [dlt_steps[t], a_t])])                    # (1, b, n, d)
         h = g("Add", [g("Mul", [decay, h]), g("Mul", [du_steps[t], b_steps[t]])])
         ys.append(g("MatMul", [c_steps[t], h]))                             # (1, b, 1, d): h·C
-    y_chunk = g("Concat", ys, axis=0) if T > 1 else ys[0]                   # (T, b, 1, d)
+    y_chunk = g("Concat", ys, axis=0)                                        # (T, b, 1, d)
     g.nodes.append(helper.make_node("Identity", [cond_in], ["body_cond_out"], name="body_Identity_cond"))
     g.nodes.append(helper.make_node("Identity", [h], ["body_h_out"], name="body_Identity_h"))
     g.nodes.append(helper.make_node("Identity", [y_chunk], ["body_y"], name="body_Identity_y"))

@@ -45,13 +45,15 @@ def polygraphy_compare(session, feeds: list[dict[str, np.ndarray]], reference: l
 
 
 def ort_logits(sess, inputs: Tensor, batch_size: int, desc: str, quiet: bool) -> Tensor:
-    """Logits of an ORT session built with one intra-op thread, one batch per core at a time.
-    On the shared 2-core machine this ran 1.3–2× faster than one 2-thread session, which
+    """Logits of an ORT session, with as many batches in flight as the session's intra-op threads
+    leave cores free. Callers build it with one thread (`session(..., threads=1)`): on the shared
+    2-core machine one batch per core ran 1.3–2× faster than one 2-thread session, which
     synchronises its threads at every node of the scan's function body."""
     from .ort import OrtForward
 
+    session_threads = max(sess.get_session_options().intra_op_num_threads, 1)
     return batched_logits(OrtForward(sess), inputs, batch_size=batch_size, desc=desc, quiet=quiet,
-                          workers=torch.get_num_threads())
+                          workers=max(torch.get_num_threads() // session_threads, 1))
 
 
 def onnx_stage(model: nn.Module, inputs: Tensor, staging: Path, reference_logits: Tensor, *,
