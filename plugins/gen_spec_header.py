@@ -8,13 +8,27 @@ Usage: python3 gen_spec_header.py OUT_HEADER
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+OPS_PY = Path(__file__).resolve().parents[1] / "mq_export" / "ops.py"
 
-from mq_export.ops import (SCAN_OP_TYPE, SCAN_PLUGIN_NAMESPACE,  # noqa: E402
-                           SCAN_PLUGIN_VERSION, SelectiveScanSpec)
+
+def _load_ops():
+    """mq_export/ops.py as a standalone module: importing it through the package would import
+    torch, which a Jetson or build container's CMake Python need not have. ops.py uses only the
+    standard library (tests/test_plugins.py checks this header is generated without torch)."""
+    spec = importlib.util.spec_from_file_location("mq_export_ops", OPS_PY)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module   # dataclasses resolves the class's module by name
+    spec.loader.exec_module(module)
+    return module
+
+
+_ops = _load_ops()
+SCAN_OP_TYPE, SCAN_PLUGIN_NAMESPACE = _ops.SCAN_OP_TYPE, _ops.SCAN_PLUGIN_NAMESPACE
+SCAN_PLUGIN_VERSION, SelectiveScanSpec = _ops.SCAN_PLUGIN_VERSION, _ops.SelectiveScanSpec
 
 
 def _c_list(items) -> str:

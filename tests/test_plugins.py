@@ -115,9 +115,21 @@ def test_chunked_warp_scan_model_matches_reference(spec, length):
     torch.testing.assert_close(state, state_ref, rtol=1e-10, atol=1e-10)
 
 
+def python_without_site_packages(directory: Path) -> Path:
+    """An interpreter wrapper with only the standard library (-I -S: no site-packages, so no torch),
+    like the CMake Python of a Jetson or build container that has no PyTorch."""
+    wrapper = directory / "python3-stdlib-only"
+    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" -I -S "$@"\n')
+    wrapper.chmod(0o755)
+    probe = subprocess.run([str(wrapper), "-c", "import torch"], capture_output=True, text=True)
+    assert probe.returncode != 0 and "No module named 'torch'" in probe.stderr
+    return wrapper
+
+
 def test_spec_header_generated_from_ops(tmp_path):
     header = tmp_path / "mq_scan_spec.h"
-    subprocess.run([sys.executable, str(REPO / "plugins" / "gen_spec_header.py"), str(header)], check=True)
+    python = python_without_site_packages(tmp_path)
+    subprocess.run([str(python), str(REPO / "plugins" / "gen_spec_header.py"), str(header)], check=True)
     text = header.read_text()
     assert f'#define MQ_SCAN_OP_TYPE "{SCAN_OP_TYPE}"' in text
     assert f'#define MQ_SCAN_PLUGIN_VERSION "{SCAN_PLUGIN_VERSION}"' in text
@@ -148,8 +160,10 @@ def plugin_build(tmp_path_factory):
         pytest.skip("cmake or nvcc not found")
     arch = "".join(map(str, torch.cuda.get_device_capability(0))) if CUDA else "90"
     build = tmp_path_factory.mktemp("plugins-build")
+    # The header generator must run with a Python that has no torch (issue: Jetson build containers).
+    python = python_without_site_packages(tmp_path_factory.mktemp("python"))
     configure = ["cmake", "-S", str(REPO / "plugins"), "-B", str(build), f"-DCMAKE_CUDA_ARCHITECTURES={arch}",
-                 f"-DPython3_EXECUTABLE={sys.executable}"]
+                 f"-DPython3_EXECUTABLE={python}"]
     if TRT_INCLUDE:
         configure.append(f"-DTENSORRT_INCLUDE_DIR={TRT_INCLUDE}")
     started = time.monotonic()
