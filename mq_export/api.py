@@ -31,13 +31,15 @@ def load(model: str | Path = "mnist") -> nn.Module:
 
 
 def calibrate(model: nn.Module, calib: Split | Tensor, exclude: tuple[Split, ...] = (), batch_size: int = 64,
-              selection_samples: int = 256, quiet: bool = False) -> CalibrationStats:
+              selection_samples: int = 256, quiet: bool = False, covariance: bool = True) -> CalibrationStats:
     """Stream calibration data once through the FP model, collecting what the transforms and
     quantizers need. `calib`: a Split or a tensor of model inputs; `exclude`: the evaluation
-    split(s) it must not overlap. Refuses empty, NaN/Inf or overlapping data."""
+    split(s) it must not overlap. Refuses empty, NaN/Inf or overlapping data. `covariance=False`
+    skips the per-site d×d second moments (`QuantConfig.needs_covariance` says when they are
+    needed; for a large model they are the biggest part of calibration's memory)."""
     if isinstance(calib, Tensor):
         calib = Split("calibration inputs", calib, torch.zeros(len(calib), dtype=torch.int64))
-    return _calibrate(model, calib, tuple(exclude), batch_size, selection_samples, quiet)
+    return _calibrate(model, calib, tuple(exclude), batch_size, selection_samples, quiet, covariance)
 
 
 def quantize(model: nn.Module, stats: CalibrationStats, config: QuantConfig | None = None, quiet: bool = False,

@@ -10,6 +10,7 @@ summary the `percentile`, `mse` and `entropy` calibrators read).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import re
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from tqdm import tqdm
 from .data import Split
 from .errors import MQExportError
 from .evaluate import progress_enabled
-from .model import ActivationSite
+from .model import ActivationSite, MambaLMHeadModel, MambaSequenceClassifier
 from .qspec import ActQuant
 
 CALIBRATORS = ("absmax", "percentile", "mse", "entropy")
@@ -36,7 +37,8 @@ class SiteStats:
     count: int = 0
     absmax: Tensor | None = None            # (d,) per-channel max |x|
     sum: Tensor | None = None               # (d,) fp64
-    sum_outer: Tensor | None = None         # (d, d) fp64 Σ x xᵀ
+    sum_outer: Tensor | None = None         # (d, d) fp64 Σ x xᵀ (only when collected with covariance)
+    sum_sq: Tensor | None = None            # (d,) fp64 Σ x²: its diagonal, always kept (d², not d, per site)
     hist: Tensor | None = None              # (2·HIST_HALF_BINS,) counts over [-hist_range, hist_range]
     hist_range: float = 0.0
     min: float = math.inf
@@ -47,6 +49,8 @@ class SiteStats:
         amax = x.abs().amax(0)
         self.absmax = amax if self.absmax is None else torch.maximum(self.absmax, amax)
         self.min, self.max = min(self.min, float(x.min())), max(self.max, float(x.max()))
+        sq = x.double().square().sum(0)
+        self.sum_sq = sq if self.sum_sq is None else self.sum_sq + sq
         if covariance:
             xd = x.double()
             self.sum = xd.sum(0) if self.sum is None else self.sum + xd.sum(0)
@@ -66,6 +70,11 @@ class SiteStats:
             self.hist_range *= 2
         r = self.hist_range
         self.hist += torch.histc(x, bins=2 * HIST_HALF_BINS, min=-r, max=r).double()
+
+    @property
+    def mean_square(self) -> Tensor:
+        """E[x²] per channel (fp64): the diagonal of `second_moment`."""
+        return self.sum_sq / max(self.count, 1)
 
     @property
     def second_moment(self) -> Tensor:
@@ -129,36 +138,114 @@ def collect_site_stats(model: nn.Module, inputs: Tensor, batch_size: int = 64, c
     return stats, (torch.cat(logits) if logits else torch.empty(0))
 
 
-def _fingerprints(x: Tensor) -> set[str]:
-    return {hashlib.sha1(row.numpy().tobytes()).hexdigest() for row in x.detach().cpu().contiguous()}
+# Two float samples are the same sample when every value differs by at most this fraction of the
+# largest magnitude in the evaluation data: float16/bfloat16 copies and re-normalised images still
+# match, while the nearest distinct MNIST images (bundled calibration vs evaluation) differ by 39%
+# of it. Relative to the evaluation data, so an outlier in the calibration data widens nothing.
+OVERLAP_RTOL = 1e-2
+_FINGERPRINT_BLOCKS = 8
+
+
+def _exact_hashes(rows: np.ndarray) -> set[str]:
+    return {hashlib.sha1(row.tobytes()).hexdigest() for row in rows}
+
+
+def _block_means(rows: np.ndarray) -> np.ndarray:
+    """A small fingerprint per row: the means of `_FINGERPRINT_BLOCKS` column blocks (fp64). Rows
+    that agree within t in every value agree within t in every block mean."""
+    blocks = np.array_split(rows, min(_FINGERPRINT_BLOCKS, rows.shape[1]), axis=1)
+    return np.stack([block.mean(1, dtype=np.float64) for block in blocks], 1)
+
+
+def shares_a_sample(calib: Tensor, other: Tensor) -> bool:
+    """Whether a calibration sample equals one of `other`'s (the evaluation data): integer data
+    (token ids) exactly, float data up to t = OVERLAP_RTOL · max|other|. O(n + m) unless the rows
+    cluster: `other`'s rows are bucketed by their block means (cells 4t wide), and a calibration
+    row is compared in full only with the rows in the cells its fingerprint ± t touches."""
+    a = calib.detach().cpu().reshape(len(calib), -1).contiguous()
+    b = other.detach().cpu().reshape(len(other), -1).contiguous()
+    if a.shape[1] != b.shape[1] or not len(a) or not len(b) or not a.shape[1]:
+        return False
+    if not (a.is_floating_point() or b.is_floating_point()):
+        return bool(_exact_hashes(a.long().numpy()) & _exact_hashes(b.long().numpy()))
+    a, b = a.float().numpy(), b.float().numpy()
+    b = b[np.isfinite(b).all(1)]                   # a NaN row equals nothing
+    largest = float(np.abs(b).max(initial=0.0))
+    tol = OVERLAP_RTOL * largest
+    if tol == 0:                                   # `other` holds only rows of zeros, or none
+        return bool(len(b)) and bool((a == 0).all(1).any())
+    cell = 4 * tol
+    buckets: dict[tuple[int, ...], list[int]] = {}
+    for i, key in enumerate(np.floor(_block_means(b) / cell).astype(np.int64).tolist()):
+        buckets.setdefault(tuple(key), []).append(i)
+    # A row that matches has block means within ±(largest + t); clipping changes no such row and
+    # keeps the cell numbers of rows with huge values small.
+    fingerprints = np.clip(_block_means(a), -largest - 2 * tol, largest + 2 * tol)
+    low = np.floor((fingerprints - tol) / cell).astype(np.int64).tolist()
+    high = np.floor((fingerprints + tol) / cell).astype(np.int64).tolist()
+    for row, lo, hi in zip(a, low, high):
+        cells = itertools.product(*({l, h} for l, h in zip(lo, hi)))
+        candidates = [j for key in cells for j in buckets.get(key, ())]
+        if candidates and (np.abs(b[candidates] - row).max(1) <= tol).any():
+            return True
+    return False
 
 
 _RANGE = re.compile(r"^(.*)\[(\d+):(\d+)\]$")
 
 
 def check_calibration_split(split: Split, exclude: tuple[Split, ...] = ()) -> None:
-    """Refuse empty, non-finite or evaluation-overlapping calibration data."""
-    if len(split.inputs) == 0:
-        raise MQExportError(f"calibration split {split.name!r} is empty")
-    if split.inputs.is_floating_point() and not torch.isfinite(split.inputs).all():
+    """Refuse empty, zero-length, complex/bool, non-finite or evaluation-overlapping calibration data."""
+    x = split.inputs
+    if not isinstance(x, Tensor):
+        raise MQExportError(f"calibration split {split.name!r} holds a {type(x).__name__}, not a tensor")
+    if x.dim() == 0 or len(x) == 0:
+        raise MQExportError(f"calibration split {split.name!r} is empty (no samples)")
+    if x.numel() == 0:
+        raise MQExportError(f"calibration split {split.name!r} has empty samples (shape {tuple(x.shape)}); calibrate "
+                            f"on sequences of at least one step")
+    if x.is_complex() or x.dtype == torch.bool:
+        raise MQExportError(f"calibration split {split.name!r} has dtype {x.dtype}; calibration inputs are real "
+                            f"floats (classifiers) or integer token ids (language models)")
+    if x.is_floating_point() and not torch.isfinite(x).all():
         raise MQExportError(f"calibration split {split.name!r} contains NaN or Inf values")
     for other in exclude:
         a, b = _RANGE.match(split.name), _RANGE.match(other.name)
         by_name = (a and b and a.group(1) == b.group(1)
                    and int(a.group(2)) < int(b.group(3)) and int(b.group(2)) < int(a.group(3)))
-        if by_name or _fingerprints(split.inputs) & _fingerprints(other.inputs):
+        if by_name or shares_a_sample(x, other.inputs):
             raise MQExportError(f"calibration split {split.name!r} overlaps the evaluation split "
                                 f"{other.name!r}; calibrate on data disjoint from what you evaluate")
 
 
+def model_inputs(model: nn.Module, inputs: Tensor, what: str) -> Tensor:
+    """`inputs` checked against what `model` reads, in the dtype it computes with: a language model
+    integer token ids (n, L) below its vocabulary size, a classifier real floats (n, L, d_input)."""
+    if isinstance(model, MambaLMHeadModel):
+        if inputs.dim() != 2 or inputs.is_floating_point() or inputs.is_complex() or inputs.dtype == torch.bool:
+            raise MQExportError(f"{what}: a language model reads integer token ids (n, L), got {inputs.dtype} "
+                                f"{tuple(inputs.shape)}")
+        if inputs.numel() and (inputs.min() < 0 or inputs.max() >= model.cfg.vocab_size):
+            raise MQExportError(f"{what}: token ids outside [0, {model.cfg.vocab_size})")
+        return inputs.long()
+    if isinstance(model, MambaSequenceClassifier):
+        if inputs.dim() != 3 or inputs.shape[-1] != model.cfg.d_input or not inputs.is_floating_point():
+            raise MQExportError(f"{what}: this classifier reads real floats (n, L, {model.cfg.d_input}), got "
+                                f"{inputs.dtype} {tuple(inputs.shape)}")
+        return inputs.to(model.input_proj.weight.dtype)
+    return inputs
+
+
 def calibrate(model: nn.Module, split: Split, exclude: tuple[Split, ...] = (), batch_size: int = 64,
-              selection_samples: int = 256, quiet: bool = False) -> CalibrationStats:
+              selection_samples: int = 256, quiet: bool = False, covariance: bool = True) -> CalibrationStats:
     """Stream the calibration split once through the FP `model`. `exclude`: splits (the
-    evaluation split) the calibration data must not overlap."""
+    evaluation split) the calibration data must not overlap. `covariance`: also keep each site's
+    d×d second moments (KLT rotations and GPTQ need them; a 1.4B model's take 14 GB)."""
     check_calibration_split(split, tuple(exclude))
-    sites, logits = collect_site_stats(model, split.inputs, batch_size, keep_logits=selection_samples,
+    inputs = model_inputs(model, split.inputs, f"calibration split {split.name!r}")
+    sites, logits = collect_site_stats(model, inputs, batch_size, covariance=covariance, keep_logits=selection_samples,
                                        quiet=quiet)
-    return CalibrationStats(split=split.name, inputs=split.inputs, sites=sites, selection_logits=logits,
+    return CalibrationStats(split=split.name, inputs=inputs, sites=sites, selection_logits=logits,
                             batch_size=batch_size)
 
 

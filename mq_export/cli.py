@@ -2,10 +2,44 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
 from pathlib import Path
+from typing import NoReturn
 
+from . import checks
 from .errors import MQExportError
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """Usage errors as one line `mq-export: error: …`, exit status 2, like every other input error
+    (argparse's default is the usage text and a `PROG: error:` line). Subparsers are built from
+    this class too (add_subparsers defaults to the parent's class)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"mq-export: error: {message}\n")
+
+
+def _option(convert, check):
+    """An argparse `type`: the text converted by `convert` (int or float), then checked by a shared
+    `checks` function; a complaint becomes argparse's one-line "argument --X: must be …"."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {'an integer' if convert is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        try:
+            return check(value)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return parse
+
+
+POSITIVE_INT = _option(int, checks.positive_int)
+SEED = _option(int, checks.seed)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -33,18 +67,22 @@ def _build_engine(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    import json
+    from .report import json_text
     from .validate_onnx import validate_engine_file, validate_onnx_file
     if args.engine:
         if not args.plugin:
             raise MQExportError("--engine needs --plugin PATH (libmq_trt_plugins.so from plugins/)")
         result = validate_engine_file(args.engine, args.plugin, args.onnx, model=args.model)
-        print(json.dumps(result, indent=2))
-        return 0 if result["passed"] else 1
-    result = validate_onnx_file(args.onnx, model=args.model, limit=args.limit, scan_kernel=args.scan_kernel,
-                                quiet=args.json)
-    print(json.dumps(result, indent=2))
-    return 0
+    else:
+        result = validate_onnx_file(args.onnx, model=args.model, data=args.data, limit=args.limit,
+                                    scan_kernel=args.scan_kernel, quiet=args.json,
+                                    max_rel_error=args.max_rel_error, min_agreement=args.min_agreement)
+    print(json_text(result, "validate result"))
+    if result["passed"]:
+        return 0
+    # Exit 1, not 2: the input was fine, the model missed the tolerances; pipelines gate on it.
+    print(f"mq-export: validation failed: {'; '.join(result['failed'])}", file=sys.stderr)
+    return 1
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -57,20 +95,25 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    import json
     from .decode import run_generate
+    from .report import json_text
     result = run_generate(args.model, args.prompt, args.tokens, backend=args.backend, greedy=args.greedy,
                           method=args.method, w_bits=args.w_bits, a_bits=args.a_bits, seed=args.seed,
-                          temperature=args.temperature, onnx_dir=args.onnx_dir, compare=args.compare)
-    print(json.dumps(result, indent=2) if args.json else result["text"])
+                          temperature=args.temperature, onnx_dir=args.onnx_dir, compare=args.compare,
+                          force=args.force)
+    print(json_text(result, "generate result") if args.json else result["text"])
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from importlib.metadata import version
+
     from .bundled import BUNDLED
     from .demo import METHODS
-    parser = argparse.ArgumentParser(prog="mq-export", description="Post-training quantization and "
-                                     "deployment export for Mamba models (MambaQuant).")
+    from .validate_onnx import FP32_TOLERANCES, QDQ_TOLERANCES
+    parser = _ArgumentParser(prog="mq-export", description="Post-training quantization and "
+                             "deployment export for Mamba models (MambaQuant).")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version('mq-export')}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="run the pipeline on a bundled model and write DIR/report.json")
@@ -79,15 +122,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--method", default="none", choices=METHODS)
     demo.add_argument("--w-bits", type=int, default=8, choices=(8, 4))
     demo.add_argument("--a-bits", type=int, default=8, choices=(8, 16))
-    demo.add_argument("--limit", type=int, default=None, metavar="N",
+    demo.add_argument("--limit", type=POSITIVE_INT, default=None, metavar="N",
                       help="evaluate on the first N samples of the evaluation split (images or text windows)")
     demo.add_argument("--json", action="store_true", help="print report.json to stdout (no progress bars)")
     demo.add_argument("--force", action="store_true", help="replace a non-empty output directory")
-    demo.add_argument("--seed", type=int, default=0, help="seed of every random Hadamard sign (default 0)")
+    demo.add_argument("--seed", type=SEED, default=0,
+                      help="seed of every random Hadamard sign, in [0, 2**64) (default 0)")
     demo.add_argument("--calibrator", default="auto", choices=("auto", "absmax", "percentile", "mse", "entropy"),
                       help="activation range calibrator; auto picks by KL to FP32 on calibration data")
-    demo.add_argument("--alpha", type=float, default=0.5, help="smoothing strength α (default 0.5)")
-    demo.add_argument("--w-group-size", type=int, default=None, metavar="G",
+    demo.add_argument("--alpha", type=_option(float, checks.fraction), default=0.5,
+                      help="smoothing strength α in [0, 1] (default 0.5)")
+    demo.add_argument("--w-group-size", type=POSITIVE_INT, default=None, metavar="G",
                       help="weight blocks of G along the input dimension (e.g. 64, 128 for TensorRT INT4)")
     demo.add_argument("--asymmetric", action="store_true",
                       help="asymmetric activations (zero point ≠ 0: ONNX Runtime only, not TensorRT)")
@@ -105,10 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "ids (n, L) for language models, float (n, L, d_input) for classifiers")
     export.add_argument("--w-bits", type=int, default=8, choices=(8, 4))
     export.add_argument("--a-bits", type=int, default=8, choices=(8, 16))
-    export.add_argument("--w-group-size", type=int, default=None, metavar="G", help="weight blocks of G along "
-                        "the input dimension (64 or 128 for TensorRT INT4)")
+    export.add_argument("--w-group-size", type=POSITIVE_INT, default=None, metavar="G", help="weight blocks of G "
+                        "along the input dimension (64 or 128 for TensorRT INT4)")
     export.add_argument("--opset", type=int, default=None, help="ONNX opset, 18-21 (default 18; 21 with INT4)")
-    export.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate on N images (classifiers)")
+    export.add_argument("--limit", type=POSITIVE_INT, default=None, metavar="N",
+                        help="evaluate on N images (classifiers)")
     export.add_argument("--json", action="store_true", help="print report.json to stdout (no progress bars)")
     export.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     export.add_argument("--decode", action="store_true", help="language models: also write the stateful "
@@ -120,7 +166,19 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("onnx", metavar="MODEL.onnx")
     validate.add_argument("--model", default="mnist", help="the PyTorch model it was exported from: a bundled "
                           "name or a checkpoint (default mnist)")
-    validate.add_argument("--limit", type=int, default=2000, metavar="N", help="evaluation images (default 2000)")
+    validate.add_argument("--data", default=None, metavar="FILE", help=".pt/.npy inputs to compare on: int token "
+                          "ids (n, L) for language models, float (n, L, d_input) for classifiers (needed for "
+                          "classifiers without bundled evaluation data)")
+    validate.add_argument("--limit", type=POSITIVE_INT, default=2000, metavar="N",
+                          help="evaluate on the first N samples (default 2000)")
+    validate.add_argument("--max-rel-error", type=_option(float, checks.non_negative), default=None,
+                          metavar="E", help="fail (exit 1) when max |ORT − PyTorch| / max |PyTorch| exceeds E "
+                          f"(default {FP32_TOLERANCES.max_rel_error:g} for FP32 graphs, "
+                          f"{QDQ_TOLERANCES.max_rel_error:g} for Q/DQ graphs, which are compared with FP32)")
+    validate.add_argument("--min-agreement", type=_option(float, checks.fraction), default=None, metavar="A",
+                          help="fail (exit 1) when a smaller fraction of argmaxes agrees with PyTorch "
+                          f"(default {FP32_TOLERANCES.min_agreement:g} for FP32 graphs, "
+                          f"{QDQ_TOLERANCES.min_agreement:g} for Q/DQ graphs)")
     validate.add_argument("--scan-kernel", action="store_true", help="run SelectiveScan through the registered "
                           "onnxruntime-extensions kernel instead of the function body")
     validate.add_argument("--json", action="store_true", help="no progress bars")
@@ -139,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--profile", action="append", default=[], metavar="DIM=MIN:OPT:MAX,...",
                         help="one optimization profile over dynamic dims, e.g. batch=1:8:32,length=1:784:784; "
                         "repeat for more profiles")
-    engine.add_argument("--workspace-mb", type=int, default=None)
+    engine.add_argument("--workspace-mb", type=POSITIVE_INT, default=None, metavar="MB",
+                        help="TensorRT builder workspace limit in MiB (default: TensorRT's)")
     engine.add_argument("--print-commands", action="store_true",
                         help="print the equivalent trtexec/polygraphy command lines instead of building")
     engine.set_defaults(func=_build_engine)
@@ -148,17 +207,20 @@ def build_parser() -> argparse.ArgumentParser:
                          "decoding step by step in PyTorch or ONNX Runtime")
     gen.add_argument("--model", default="shakespeare-charlm", help="bundled LM, or an LM directory with vocab.json")
     gen.add_argument("--prompt", default="ROMEO:")
-    gen.add_argument("--tokens", type=int, default=200, help="characters to generate (default 200)")
+    gen.add_argument("--tokens", type=POSITIVE_INT, default=200, help="characters to generate (default 200)")
     gen.add_argument("--backend", default="torch", choices=("torch", "onnxruntime"))
     gen.add_argument("--greedy", action="store_true", help="argmax decoding (default: sampling)")
-    gen.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
-    gen.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    gen.add_argument("--temperature", type=_option(float, checks.temperature), default=1.0,
+                     help=f"sampling temperature, >= {checks.MIN_TEMPERATURE:g} (default 1.0)")
+    gen.add_argument("--seed", type=SEED, default=0,
+                     help="sampling seed, in [0, 2**64) (default 0)")
     gen.add_argument("--method", default="none", choices=METHODS, help="quantize first (calibrated on the "
                      "model's calibration split)")
     gen.add_argument("--w-bits", type=int, default=8, choices=(8, 4))
     gen.add_argument("--a-bits", type=int, default=8, choices=(8, 16))
     gen.add_argument("--onnx-dir", default=None, metavar="DIR", help="keep the exported prefill.onnx and "
                      "decode_step.onnx in DIR (onnxruntime backend)")
+    gen.add_argument("--force", action="store_true", help="replace a non-empty --onnx-dir")
     gen.add_argument("--compare", action="store_true", help="onnxruntime backend: also decode with PyTorch and "
                      "report token equality and the largest per-step logit deviation")
     gen.add_argument("--json", action="store_true", help="print a JSON result instead of the text")
@@ -166,17 +228,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised like KeyboardInterrupt so the same cleanup (staged outputs) runs."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """SIGTERM raises Terminated while the command runs; the previous handler comes back after.
+    Only the main thread may set handlers, so elsewhere SIGTERM keeps its old meaning."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        with _sigterm_raises():
+            return args.func(args)
     except MQExportError as exc:
         print(f"mq-export: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("mq-export: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("mq-export: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from . import checks
 from .errors import MQExportError
 from .model import MambaLMHeadModel
 
@@ -194,23 +195,29 @@ def teacher_forced_logits(decoder, prompt_ids: Tensor, tokens: list[int], vocab_
 def run_generate(model: str | Path, prompt: str, tokens: int, backend: str = "torch", greedy: bool = True,
                  method: str = "none", w_bits: int = 8, a_bits: int = 8, seed: int = 0,
                  temperature: float = 1.0, onnx_dir: str | Path | None = None, compare: bool = False,
-                 quiet: bool = True) -> dict:
+                 quiet: bool = True, force: bool = False) -> dict:
     """`mq-export generate`: text from a bundled character LM (or an LM directory with vocab.json),
     FP32 or quantized with `method` (calibrated on the model's calibration split), decoded by
     PyTorch or by ONNX Runtime on the exported prefill/step graphs. `compare` also decodes with
     PyTorch and reports whether the greedy tokens agree and the largest per-step logit deviation
-    along the generated sequence."""
+    along the generated sequence. `onnx_dir` (onnxruntime backend) keeps the two graphs there,
+    written all-or-nothing like every output directory (`force`: replace a non-empty one)."""
     import tempfile
     import time
 
     from .api import calibrate, load, quantize
     from .bundled import BUNDLED
     from .charlm import CharTokenizer
+    from .output import staged_output_dir
 
     if backend not in ("torch", "onnxruntime"):
         raise MQExportError(f"unknown backend {backend!r}; choose torch or onnxruntime")
-    if tokens < 1:
-        raise MQExportError(f"--tokens must be positive, got {tokens}")
+    checks.require("--tokens", checks.positive_int, tokens)
+    checks.require("--seed", checks.seed, seed)
+    checks.require("--temperature", checks.temperature, temperature)
+    if backend != "onnxruntime" and (compare or onnx_dir is not None):
+        option = "--compare" if compare else "--onnx-dir"
+        raise MQExportError(f"{option} applies to ONNX Runtime decoding; add --backend onnxruntime")
     spec = BUNDLED.get(str(model))
     lm = load(model)
     if not isinstance(lm, MambaLMHeadModel):
@@ -232,9 +239,13 @@ def run_generate(model: str | Path, prompt: str, tokens: int, backend: str = "to
         lm, _ = quantize(lm, stats, method=method, w_bits=w_bits, a_bits=a_bits, quiet=quiet)
         result.update(w_bits=w_bits, a_bits=a_bits)
     torch_decoder = TorchDecoder(lm)
-    with tempfile.TemporaryDirectory() as tmp:
+    if backend == "onnxruntime" and onnx_dir is not None:
+        graphs = staged_output_dir(onnx_dir, force, inputs=() if spec is not None else (model,))
+    else:
+        graphs = tempfile.TemporaryDirectory()
+    with graphs as graph_dir:
         if backend == "onnxruntime":
-            ex = export_decode(lm, onnx_dir or tmp)
+            ex = export_decode(lm, graph_dir)
             decoder = OrtDecoder(ex.step, ex.prefill)
         else:
             decoder = torch_decoder

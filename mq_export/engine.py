@@ -85,12 +85,25 @@ def _load_plugin(trt, plugin_path: str | Path) -> None:
     _loaded_plugin_libraries.add(path)
 
 
-def _load_onnx(onnx_path: str | Path):
+def load_onnx(onnx_path: str | Path):
+    """The ONNX model at `onnx_path` (its external data left unloaded), or one line saying why the
+    path is not one; callers check it before TensorRT or ONNX Runtime see the file."""
     import onnx
 
-    if not Path(onnx_path).is_file():
-        raise MQExportError(f"ONNX model not found: {onnx_path}")
-    return onnx.load(str(onnx_path), load_external_data=False)
+    path = Path(onnx_path)
+    if path.is_dir():
+        raise MQExportError(f"{path} is a directory; pass the exported .onnx file in it (e.g. {path / 'model.onnx'})")
+    if not path.is_file():
+        raise MQExportError(f"ONNX model not found: {path}")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError and friends: any unreadable file
+        from mq_export.loaders import _error_reason
+        raise MQExportError(f"{path} is not an ONNX model ({_error_reason(exc)})") from None
+    # Protobuf parses many short byte strings (an empty file among them) as a message with no graph.
+    if not model.graph.node or not model.graph.output:
+        raise MQExportError(f"{path} is not an ONNX model (no graph in it)")
+    return model
 
 
 def is_quantized(model) -> bool:
@@ -126,7 +139,12 @@ def build_engine(onnx_path: str | Path, plugin_path: str | Path, out_path: str |
 
     profiles: one optimization profile per entry, each mapping dim_param names to DimRange.
     """
-    model = _load_onnx(onnx_path)
+    model = load_onnx(onnx_path)
+    out = Path(out_path)
+    if out.is_dir():
+        raise MQExportError(f"-o {out} is a directory; give the engine file to write (e.g. {out / 'model.engine'})")
+    if not out.parent.is_dir():
+        raise MQExportError(f"cannot write {out}: directory {out.parent} does not exist")
     quantized = is_quantized(model)
     if fp16 and quantized:
         raise MQExportError("--fp16 applies to FP32 graphs only; this Q/DQ graph is built strongly typed "
@@ -166,7 +184,6 @@ def build_engine(onnx_path: str | Path, plugin_path: str | Path, out_path: str |
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise MQExportError(f"TensorRT could not build an engine from {onnx_path}; see the TensorRT log above")
-    out = Path(out_path)
     partial = out.with_name(f".{out.name}.partial")
     partial.write_bytes(bytes(serialized))
     partial.replace(out)  # never a half-written engine under the final name
@@ -180,14 +197,17 @@ def validate_engine(engine_path: str | Path, plugin_path: str | Path, onnx_path:
     and compares every output: passed when max |trt - ort| <= atol + rtol * max |ort|."""
     import numpy as np
 
+    load_onnx(onnx_path)
     trt = _tensorrt()
+    if not Path(engine_path).is_file():
+        raise MQExportError(f"engine file not found: {engine_path} (build it with mq-export build-engine)")
     import torch
 
     if not torch.cuda.is_available():
         raise MQExportError("validating an engine needs a CUDA device")
-    import onnxruntime as ort
+    from mq_export.ort import session
 
-    reference_session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    reference_session = session(onnx_path)   # Q/DQ as the graph means them on any CPU (ort.int8_matmul_policy)
     output_names = [output.name for output in reference_session.get_outputs()]
     references = dict(zip(output_names, reference_session.run(output_names, dict(inputs))))
 
@@ -224,7 +244,7 @@ def validate_engine(engine_path: str | Path, plugin_path: str | Path, onnx_path:
 def equivalent_commands(onnx_path: str | Path, plugin_path: str | Path, out_path: str | Path, fp16: bool = False,
                         profile: Profile | None = None) -> dict[str, str]:
     """trtexec and polygraphy command lines doing what build_engine/validate_engine do (one profile)."""
-    model = _load_onnx(onnx_path)
+    model = load_onnx(onnx_path)
     dynamic = {name: s for name, s in input_shapes(model, profile or {}).items() if s[0] != s[2]}
     precision = ["--stronglyTyped"] if is_quantized(model) else (["--fp16"] if fp16 else [])
     polygraphy_precision = ["--strongly-typed"] if is_quantized(model) else (["--fp16"] if fp16 else [])

@@ -17,6 +17,10 @@ How the graph is made:
 * The `SelectiveScan` node gets a local function (FunctionProto) of the same domain/name that
   computes the scan with standard ops (`scan_function`), so any ONNX runtime can run the file;
   a registered kernel (ORT custom op, TensorRT plugin) takes precedence over it.
+* Initializer bytes stay out of the ModelProto until the file is written (`_Initializers`): the
+  rewrite, shape inference and checks work on a proto of a few MB at any model size, and a model
+  with more than `EXTERNAL_DATA_BYTES` of weights is written as `model.onnx` + `model.onnx.data`
+  (protobuf cannot hold 2 GB), streamed one tensor at a time.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import onnx
@@ -48,6 +52,12 @@ INT4_OPSET = 21                  # INT4 tensors and DequantizeLinear block_size
 # bundled model batch 64 × 784: T=4 0.59 s, 8 0.62–0.67 s, 16 0.71–0.75 s; d_model-768 LM layer
 # at batch 1 × 512: equal for 4/8/16.
 DEFAULT_CHUNK = 8
+# Weights above this many bytes go to an external data file: protobuf refuses messages over 2 GiB,
+# and the graph itself and the inline small tensors need some of that room.
+EXTERNAL_DATA_BYTES = 1_800_000_000
+EXTERNAL_MIN_TENSOR_BYTES = 1024    # smaller initializers stay inline even in an external-data model
+_EXTERNAL_ALIGNMENT = 4096          # page-aligned offsets let ONNX Runtime map the weights from the file
+_DEFERRED = "mq_export.deferred"    # location of an initializer whose bytes are filled in when written
 
 
 @dataclass
@@ -58,10 +68,96 @@ class ExportInfo:
     scan_spec: dict = field(default_factory=dict)
     activation_sites: list[str] = field(default_factory=list)      # sites with Q/DQ
     quantized_weights: dict[str, str] = field(default_factory=dict)  # param → "int8 per-channel" …
+    external_data: str | None = None   # the weights file next to the model (relative name), if any
 
     def to_dict(self) -> dict:
         return {"opset": self.opset, "scan_nodes": self.scan_nodes, "scan_spec": self.scan_spec,
-                "qdq_activation_sites": self.activation_sites, "quantized_weights": self.quantized_weights}
+                "qdq_activation_sites": self.activation_sites, "quantized_weights": self.quantized_weights,
+                "external_data": self.external_data}
+
+
+# ------------------------------------------------------------------ initializers kept out of the proto
+
+class _Initializers:
+    """Initializers whose bytes are produced only when the model is written: name → a function
+    returning the array whose memory is the tensor's raw_data (INT4: already packed). In the proto
+    each is a placeholder with external location `_DEFERRED`, so no step before writing copies
+    weights, and the transposed / integer weights are made one tensor at a time."""
+
+    def __init__(self) -> None:
+        self.sources: dict[str, Callable[[], np.ndarray]] = {}
+
+    def placeholder(self, name: str, data_type: int, dims: Sequence[int],
+                    source: Callable[[], np.ndarray]) -> onnx.TensorProto:
+        tensor = onnx.TensorProto(name=name, data_type=data_type, dims=list(dims),
+                                  data_location=TensorProto.EXTERNAL)
+        tensor.external_data.add(key="location", value=_DEFERRED)
+        self.sources[name] = source
+        return tensor
+
+    def graph_surgeon_constant(self, gs, name: str, data_type: int, dims: Sequence[int],
+                               source: Callable[[], np.ndarray]):
+        # graphsurgeon exports a lazily-loaded proto as-is: the placeholder survives the rewrite.
+        return gs.Constant(name, gs.ir.tensor.LazyValues(self.placeholder(name, data_type, dims, source)))
+
+    def take_from(self, program) -> onnx.ModelProto:
+        """The exporter's graph as a proto, each initializer of `EXTERNAL_MIN_TENSOR_BYTES` or more
+        replaced by a placeholder whose source is the exporter's tensor (a view of the parameter)."""
+        import onnx_ir as ir
+
+        for value in program.model.graph.initializers.values():
+            tensor = value.const_value
+            if tensor is None or tensor.nbytes < EXTERNAL_MIN_TENSOR_BYTES:
+                continue
+            self.sources[value.name] = tensor.numpy
+            value.const_value = ir.ExternalTensor(_DEFERRED, 0, tensor.nbytes, tensor.dtype, shape=tensor.shape,
+                                                  name=value.name)
+        return ir.serde.serialize_model(program.model)
+
+    def deferred(self, proto: onnx.ModelProto) -> list[onnx.TensorProto]:
+        return [t for t in proto.graph.initializer if t.data_location == TensorProto.EXTERNAL and
+                any(e.key == "location" and e.value == _DEFERRED for e in t.external_data)]
+
+    def nbytes(self, proto: onnx.ModelProto) -> int:
+        return sum(_tensor_nbytes(t) for t in self.deferred(proto))
+
+    def embed(self, proto: onnx.ModelProto) -> None:
+        """Fill every placeholder's raw_data (the model then lives in memory, under 2 GB)."""
+        for tensor in self.deferred(proto):
+            tensor.raw_data = self._bytes(tensor)
+            del tensor.external_data[:]
+            tensor.data_location = TensorProto.DEFAULT
+
+    def write_external(self, proto: onnx.ModelProto, data_path: Path) -> None:
+        """Stream the placeholders' bytes into `data_path` (page-aligned, in graph order, so the same
+        model gives the same bytes) and point them there by the file's name; small ones go inline."""
+        with open(data_path, "wb") as f:
+            for tensor in self.deferred(proto):
+                data = self._bytes(tensor)
+                del tensor.external_data[:]
+                if len(data) < EXTERNAL_MIN_TENSOR_BYTES:
+                    tensor.raw_data = data
+                    tensor.data_location = TensorProto.DEFAULT
+                    continue
+                offset = -(-f.tell() // _EXTERNAL_ALIGNMENT) * _EXTERNAL_ALIGNMENT
+                f.write(b"\0" * (offset - f.tell()))
+                f.write(data)
+                for key, value in (("location", data_path.name), ("offset", offset), ("length", len(data))):
+                    tensor.external_data.add(key=key, value=str(value))
+
+    def _bytes(self, tensor: onnx.TensorProto) -> bytes:
+        data = np.asarray(self.sources[tensor.name]()).tobytes()   # C order, one copy of one tensor
+        if len(data) != _tensor_nbytes(tensor):
+            raise AssertionError(f"initializer {tensor.name}: {len(data)} bytes for a "
+                                 f"{_tensor_nbytes(tensor)}-byte tensor")
+        return data
+
+
+def _tensor_nbytes(tensor: onnx.TensorProto) -> int:
+    count = int(np.prod(tensor.dims, dtype=np.int64))
+    if tensor.data_type in (TensorProto.INT4, TensorProto.UINT4):
+        return (count + 1) // 2
+    return count * helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
 
 
 # ------------------------------------------------------------------ tracing-time substitutions
@@ -305,7 +401,7 @@ def _weight_quant_for(model: nn.Module, param_name: str) -> tuple[WeightQuant | 
 
 
 def _rewrite_markers(proto: onnx.ModelProto, model: nn.Module, trace: _Trace, info: ExportInfo,
-                     opset: int) -> onnx.ModelProto:
+                     opset: int, initializers: _Initializers) -> onnx.ModelProto:
     import onnx_graphsurgeon as gs
 
     graph = gs.import_onnx(proto)
@@ -337,10 +433,11 @@ def _rewrite_markers(proto: onnx.ModelProto, model: nn.Module, trace: _Trace, in
                 graph.nodes.append(gs.Node("Transpose", f"{out.name}/Transpose", attrs={"perm": [1, 0]},
                                            inputs=[src], outputs=[out]))
             elif wq is None:
-                const = gs.Constant(f"{param}.T", np.ascontiguousarray(weight.numpy().T))
+                const = initializers.graph_surgeon_constant(gs, f"{param}.T", TensorProto.FLOAT, weight.shape[::-1],
+                                                            lambda w=weight: w.numpy().T)
                 _replace_uses(graph, out, const)
             else:
-                graph.nodes.append(_weight_dq(gs, param, weight, wq, out, opset, info))
+                graph.nodes.append(_weight_dq(gs, param, weight, wq, out, opset, info, initializers))
         node.outputs.clear()
         node.inputs.clear()
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
@@ -358,7 +455,8 @@ def _replace_uses(graph, old, new) -> None:
             graph.outputs[i] = new
 
 
-def _weight_dq(gs, param: str, weight: Tensor, wq: WeightQuant, out, opset: int, info: ExportInfo):
+def _weight_dq(gs, param: str, weight: Tensor, wq: WeightQuant, out, opset: int, info: ExportInfo,
+               initializers: _Initializers):
     out_f, in_f = weight.shape
     if wq.bits == 4 and opset < INT4_OPSET:
         raise MQExportError(f"INT4 weights need opset {INT4_OPSET} or later (got --opset {opset})")
@@ -366,7 +464,6 @@ def _weight_dq(gs, param: str, weight: Tensor, wq: WeightQuant, out, opset: int,
         raise MQExportError(f"block-quantized weights (group_size) need opset {INT4_OPSET} or later "
                             f"(got --opset {opset})")
     qtype = _qtype(wq.bits, True)
-    codes = wq.quantize(weight).numpy().T.astype(np.int8)                    # (in, out)
     attrs: dict = {}
     if wq.group_size is None:
         scale = wq.scale.detach().float().numpy().reshape(out_f)
@@ -380,26 +477,25 @@ def _weight_dq(gs, param: str, weight: Tensor, wq: WeightQuant, out, opset: int,
         attrs.update(axis=0, block_size=int(wq.group_size))
         zp_shape = scale.shape
         kind = f"blocked(block_size={wq.group_size}, input axis)"
-    codes_t = _int_tensor(f"{param}.T.quantized", codes, qtype)
-    zp_t = _int_tensor(f"{param}.T.zero_point", np.zeros(zp_shape, np.int8), qtype)
+    # Integer codes (in, out), made when the file is written.
+    codes = initializers.graph_surgeon_constant(gs, f"{param}.T.quantized", qtype, (in_f, out_f),
+                                                lambda: _int_bytes(wq.quantize(weight).numpy().T, qtype))
+    zero_point = initializers.graph_surgeon_constant(gs, f"{param}.T.zero_point", qtype, zp_shape,
+                                                     lambda: _int_bytes(np.zeros(zp_shape, np.int8), qtype))
     info.quantized_weights[param] = f"int{wq.bits} {kind}"
     return gs.Node("DequantizeLinear", f"{param}/DequantizeLinear", attrs=attrs,
-                   inputs=[_const_from_proto(gs, codes_t), gs.Constant(f"{param}.T.scale", scale.astype(np.float32)),
-                           _const_from_proto(gs, zp_t)],
+                   inputs=[codes, gs.Constant(f"{param}.T.scale", scale.astype(np.float32)), zero_point],
                    outputs=[out])
 
 
-def _int_tensor(name: str, values: np.ndarray, qtype: int) -> onnx.TensorProto:
-    if qtype in (TensorProto.INT4, TensorProto.UINT4):
-        return helper.make_tensor(name, qtype, values.shape, values.flatten().tolist())
-    return numpy_helper.from_array(values.astype(helper.tensor_dtype_to_np_dtype(qtype)), name)
-
-
-def _const_from_proto(gs, tensor: onnx.TensorProto):
-    if tensor.data_type in (TensorProto.INT4, TensorProto.UINT4):
-        # graphsurgeon keeps a lazily-loaded proto as-is, so the packed INT4 bytes survive unchanged.
-        return gs.Constant(tensor.name, gs.ir.tensor.LazyValues(tensor))
-    return gs.Constant(tensor.name, numpy_helper.to_array(tensor))
+def _int_bytes(values: np.ndarray, qtype: int) -> np.ndarray:
+    """The raw_data of integer `values` as `qtype`: INT4 packs two per byte, the first in the low nibble."""
+    if qtype not in (TensorProto.INT4, TensorProto.UINT4):
+        return values.astype(helper.tensor_dtype_to_np_dtype(qtype))
+    nibbles = np.ascontiguousarray(values, dtype=np.int8).reshape(-1).view(np.uint8) & 0x0F
+    if len(nibbles) % 2:
+        nibbles = np.append(nibbles, np.uint8(0))
+    return nibbles[0::2] | (nibbles[1::2] << 4)
 
 
 # ------------------------------------------------------------------ public API
@@ -407,11 +503,16 @@ def _const_from_proto(gs, tensor: onnx.TensorProto):
 def export_module(model: nn.Module, args: tuple, path: str | Path | None = None, *,
                   input_names: Sequence[str], output_names: Sequence[str],
                   dynamic_axes: dict[str, dict[int, str]] | None = None, opset: int | None = None,
-                  chunk: int = DEFAULT_CHUNK, check: bool = True) -> tuple[onnx.ModelProto, ExportInfo]:
+                  chunk: int = DEFAULT_CHUNK, check: bool = True,
+                  external_data: bool | None = None) -> tuple[onnx.ModelProto, ExportInfo]:
     """Export `model(*args)` to ONNX: one `SelectiveScan` node (+ local function) per scan call,
     Q/DQ at every `ActivationSite` with a `FakeQuantize`, integer weights for Linears with
     `weight_quant`. `dynamic_axes` maps input/output names to {axis: dim name}. Returns the model
-    (also written to `path` if given) and what was exported. Deterministic for the same inputs."""
+    (also written to `path` if given) and what was exported. Deterministic for the same inputs.
+
+    `external_data`: write the weights to `<path>.data` next to `path` (referenced by that relative
+    name); None decides by size (more than `EXTERNAL_DATA_BYTES`). The returned proto then holds
+    references to that file instead of the weights."""
     wants_int4 = any(getattr(m, "weight_quant", None) is not None and
                      (m.weight_quant.bits == 4 or m.weight_quant.group_size is not None)
                      for m in model.modules())
@@ -452,7 +553,9 @@ def export_module(model: nn.Module, args: tuple, path: str | Path | None = None,
                                 f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
         finally:
             torch_onnx_log.setLevel(level)
-    proto = program.model_proto
+    initializers = _Initializers()
+    proto = initializers.take_from(program)
+    del program
     specs = set(trace.specs)
     if len(specs) > 1:
         raise MQExportError("the model calls selective_scan with different settings "
@@ -460,13 +563,33 @@ def export_module(model: nn.Module, args: tuple, path: str | Path | None = None,
     spec = next(iter(specs)) if specs else None
     info.scan_nodes = len(trace.specs)
     info.scan_spec = dict(spec.attributes()) if spec is not None else {}
-    proto = _rewrite_markers(proto, model, trace, info, opset)
+    proto = _rewrite_markers(proto, model, trace, info, opset, initializers)
     proto = _finish(proto, spec, opset, chunk, input_names, output_names, dynamic_axes)
-    if check:
-        check_model(proto)
+    _save(proto, initializers, path, info, external_data, check, type(model).__name__)
+    return proto, info
+
+
+def _save(proto: onnx.ModelProto, initializers: _Initializers, path: str | Path | None, info: ExportInfo,
+          external_data: bool | None, check: bool, what: str) -> None:
+    """Fill in the weights (inline, or streamed to `<path>.data`), write `path`, check. A written
+    model is checked from its file: checking a proto in memory serializes it several times over."""
+    weight_bytes = initializers.nbytes(proto)
+    external = weight_bytes > EXTERNAL_DATA_BYTES if external_data is None else external_data
+    too_big = f"{what} has {weight_bytes / 1e9:.1f} GB of weights, more than one ONNX protobuf holds (2 GB)"
+    if external:
+        if path is None:
+            raise MQExportError(f"{too_big}; pass a path, and they are written next to it as external data")
+        data_path = Path(path).with_name(f"{Path(path).name}.data")
+        initializers.write_external(proto, data_path)
+        info.external_data = data_path.name
+    elif weight_bytes > EXTERNAL_DATA_BYTES:
+        raise MQExportError(f"{too_big}; write it with external data")
+    else:
+        initializers.embed(proto)
     if path is not None:
         Path(path).write_bytes(proto.SerializeToString())
-    return proto, info
+    if check:
+        check_model(proto if path is None else path)
 
 
 def _finish(proto: onnx.ModelProto, spec: SelectiveScanSpec | None, opset: int, chunk: int,
@@ -506,20 +629,27 @@ def _version() -> str:
     return __version__
 
 
-def check_model(proto: onnx.ModelProto) -> None:
-    """onnx.checker (full check) and strict shape inference; raises MQExportError."""
+def check_model(model: onnx.ModelProto | str | Path) -> None:
+    """onnx.checker (full check) and strict shape inference; raises MQExportError. A path is
+    checked from the file, with its external data (a proto over 2 GB cannot be checked in memory)."""
     try:
-        onnx.checker.check_model(proto, full_check=True)
-        onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
+        if isinstance(model, onnx.ModelProto):
+            onnx.checker.check_model(model, full_check=True)
+            onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+        else:
+            onnx.checker.check_model(str(model), full_check=True)   # full_check: strict shape inference too
     except Exception as exc:
         raise MQExportError(f"exported model fails the ONNX checker: {str(exc).splitlines()[0]}") from exc
 
 
 def export_onnx(model: nn.Module, path: str | Path | None = None, *, opset: int | None = None,
-                chunk: int = DEFAULT_CHUNK, check: bool = True) -> tuple[onnx.ModelProto, ExportInfo]:
+                chunk: int = DEFAULT_CHUNK, check: bool = True,
+                external_data: bool | None = None) -> tuple[onnx.ModelProto, ExportInfo]:
     """Export a bundled-family classifier (`x` (batch, length, d_input) → `logits` (batch, classes))
     or a `MambaLMHeadModel` (`input_ids` (batch, length) int64 → `logits` (batch, length, vocab)),
-    with dynamic batch and length. Other modules: use `export_module` with your own names/axes."""
+    with dynamic batch and length. Other modules: use `export_module` with your own names/axes.
+    `external_data`: as for `export_module` (None: the weights go to `<path>.data` above
+    `EXTERNAL_DATA_BYTES`)."""
     from .model import MambaLMHeadModel, MambaSequenceClassifier
 
     gen = torch.Generator().manual_seed(0)
@@ -534,4 +664,4 @@ def export_onnx(model: nn.Module, path: str | Path | None = None, *, opset: int 
         raise MQExportError(f"export_onnx knows MambaSequenceClassifier and MambaLMHeadModel, not "
                             f"{type(model).__name__}; call export_module with input/output names and axes")
     return export_module(model, args, path, input_names=names, output_names=["logits"], dynamic_axes=axes,
-                         opset=opset, chunk=chunk, check=check)
+                         opset=opset, chunk=chunk, check=check, external_data=external_data)

@@ -18,6 +18,8 @@ from torch import Tensor
 
 from .errors import MQExportError
 
+SUPPORTED_ORDERS = "2^k·m with m = 1, q+1 (prime q ≡ 3 mod 4) or 2(q+1) (prime q ≡ 1 mod 4)"
+
 
 def _is_prime(q: int) -> bool:
     return q >= 2 and all(q % p for p in range(2, int(q ** 0.5) + 1))
@@ -49,8 +51,8 @@ def _paley(m: int) -> Tensor | None:
 
 
 @functools.lru_cache(maxsize=None)
-def hadamard_matrix(n: int) -> Tensor:
-    """An unnormalised ±1 Hadamard matrix of order n (H Hᵀ = n I), float64."""
+def _construct(n: int) -> Tensor | None:
+    """A ±1 Hadamard matrix of order n from Sylvester ⊗ Paley, or None if these give none."""
     if n == 1:
         return torch.ones(1, 1, dtype=torch.float64)
     power = 1
@@ -68,8 +70,20 @@ def hadamard_matrix(n: int) -> Tensor:
                 h = torch.kron(sylvester, h)
             return h
         p //= 2
-    raise MQExportError(f"no Hadamard matrix of order {n} is constructed here: supported orders are "
-                        f"2^k·m with m = 1, q+1 (prime q ≡ 3 mod 4) or 2(q+1) (prime q ≡ 1 mod 4)")
+    return None
+
+
+def has_hadamard_matrix(n: int) -> bool:
+    return n >= 1 and _construct(n) is not None
+
+
+def hadamard_matrix(n: int) -> Tensor:
+    """An unnormalised ±1 Hadamard matrix of order n (H Hᵀ = n I), float64."""
+    h = _construct(n) if n >= 1 else None
+    if h is None:
+        raise MQExportError(f"no Hadamard matrix of order {n} is constructed here: supported orders are "
+                            f"{SUPPORTED_ORDERS}")
+    return h
 
 
 def random_hadamard(n: int, generator: torch.Generator) -> Tensor:

@@ -6,8 +6,11 @@ Every failure is raised as an `MQExportError` naming the file and what is wrong 
 from __future__ import annotations
 
 import json
+import math
 import re
+import warnings
 from pathlib import Path
+from typing import Iterable
 
 import torch
 from torch import Tensor, nn
@@ -19,18 +22,45 @@ ASSETS = Path(__file__).parent / "assets"
 BUNDLED_CLASSIFIER = ASSETS / "mnist" / "Mamba_best.pth"
 
 
+def _error_reason(exc: Exception) -> str:
+    """The first sentence of an exception's text, trimmed: why torch/safetensors refused a file."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    # torch's weights-only refusal puts a paragraph of advice before the actual reason.
+    _, marker, detail = text.partition("WeightsUnpickler error:")
+    first_line = next((line.strip() for line in (detail if marker else text).splitlines() if line.strip()), "")
+    sentence = first_line.split(". ")[0].rstrip(".")
+    reason = sentence if len(sentence) <= 160 else sentence[:157] + "..."
+    return f"{type(exc).__name__}: {reason}" if reason else type(exc).__name__
+
+
+def _check_checkpoint_file(path: Path) -> None:
+    """A checkpoint must be a regular file; say what `path` is when it is not."""
+    if path.is_file():
+        return
+    if path.is_dir():
+        raise MQExportError(f"checkpoint {path} is a directory; pass the checkpoint file, or for a language "
+                            f"model the directory with config.json to load_checkpoint/load_lm")
+    if path.exists():
+        raise MQExportError(f"checkpoint {path} is not a regular file (a device, pipe or socket); pass a "
+                            f".pth/.bin/.safetensors file")
+    raise MQExportError(f"checkpoint {path} does not exist")
+
+
 def _read_tensors(path: Path) -> dict[str, Tensor]:
     """A state dict from a .safetensors or torch file (`weights_only=True`: no pickled code)."""
-    if not path.is_file():
-        raise MQExportError(f"checkpoint {path} does not exist")
+    _check_checkpoint_file(path)
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            return load_file(str(path))
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        # Our error line says what is wrong; torch's own warnings about the file would only precede it.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if path.suffix == ".safetensors":
+                from safetensors.torch import load_file
+                obj = load_file(str(path))
+            else:
+                obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch/safetensors raise many types for a file that is not a checkpoint
-        raise MQExportError(f"{path} is not a readable PyTorch/safetensors checkpoint "
-                            f"({type(exc).__name__}); pass a .pth/.bin/.safetensors state dict") from None
+        raise MQExportError(f"{path} is not a readable PyTorch/safetensors checkpoint ({_error_reason(exc)}); "
+                            f"pass a .pth/.bin/.safetensors state dict") from None
     if isinstance(obj, dict) and isinstance(obj.get("model_state_dict"), dict):
         obj = obj["model_state_dict"]
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
@@ -52,21 +82,27 @@ def _load_strict(model: nn.Module, state: dict[str, Tensor], source: Path) -> No
             parts.append(f"unexpected keys {unexpected[:4]}{' …' if len(unexpected) > 4 else ''}")
         raise MQExportError(f"{source} does not match the model: {'; '.join(parts)}")
     for key, value in state.items():
-        if tuple(value.shape) != tuple(expected[key].shape):
-            raise MQExportError(f"{source}: {key} has shape {tuple(value.shape)}, the model expects "
-                                f"{tuple(expected[key].shape)}")
+        _check_tensor(source, key, value, tuple(expected[key].shape))
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+
+
+def _dims(state: dict[str, Tensor], key: str, layout: tuple[str, ...], source: Path) -> tuple[int, ...]:
+    """The shape of `state[key]`, checked to have one non-empty dimension per name in `layout`."""
+    if key not in state:
+        raise MQExportError(f"{source} is not a Mamba checkpoint: no {key}")
+    shape = tuple(state[key].shape)
+    if len(shape) != len(layout) or 0 in shape:
+        raise MQExportError(f"{source}: {key} has shape {shape}; expected a {len(layout)}-D tensor "
+                            f"({', '.join(layout)}) with no empty dimension")
+    return shape
 
 
 def _mixer_config_from_state(state: dict[str, Tensor], prefix: str, source: Path) -> MixerConfig:
     """Infer a mixer's sizes from its weights (mamba-ssm stores none of them for the classifier)."""
-    try:
-        d_inner2, d_model = state[f"{prefix}in_proj.weight"].shape
-        d_inner, d_state = state[f"{prefix}A_log"].shape
-        d_conv = state[f"{prefix}conv1d.weight"].shape[-1]
-        rank = state[f"{prefix}dt_proj.weight"].shape[1]
-    except KeyError as exc:
-        raise MQExportError(f"{source} is not a Mamba checkpoint: no {exc.args[0]}") from None
+    d_inner2, d_model = _dims(state, f"{prefix}in_proj.weight", ("2·d_inner", "d_model"), source)
+    d_inner, d_state = _dims(state, f"{prefix}A_log", ("d_inner", "d_state"), source)
+    d_conv = _dims(state, f"{prefix}conv1d.weight", ("d_inner", "1", "d_conv"), source)[-1]
+    rank = _dims(state, f"{prefix}dt_proj.weight", ("d_inner", "dt_rank"), source)[1]
     if d_inner2 != 2 * d_inner or d_inner % d_model:
         raise MQExportError(f"{source}: in_proj {d_inner2}x{d_model} and A_log {d_inner}x{d_state} "
                             f"do not describe a Mamba-1 mixer")
@@ -83,11 +119,11 @@ def load_classifier(path: str | Path = BUNDLED_CLASSIFIER) -> MambaSequenceClass
     if "input_proj.weight" not in state or not layer_ids:
         raise MQExportError(f"{path} is not a Mamba sequence-classifier checkpoint "
                             f"(no input_proj/layers.N weights); for a language model pass its directory")
-    cls_w = state.get("classifier.weight")
-    if cls_w is None:
+    if "classifier.weight" not in state:
         raise MQExportError(f"{path} is not a Mamba sequence-classifier checkpoint: no classifier.weight")
     cfg = ClassifierConfig(mixer=_mixer_config_from_state(state, "layers.0.", path), n_layers=len(layer_ids),
-                           d_input=state["input_proj.weight"].shape[1], n_classes=cls_w.shape[0])
+                           d_input=_dims(state, "input_proj.weight", ("d_model", "d_input"), path)[1],
+                           n_classes=_dims(state, "classifier.weight", ("n_classes", "d_model"), path)[0])
     model = MambaSequenceClassifier(cfg)
     _load_strict(model, state, path)
     return model.eval()
@@ -101,62 +137,134 @@ def _read_config(directory: Path) -> dict:
         raise MQExportError(f"{directory} has no config.json; a mamba-ssm or HF Mamba checkpoint "
                             f"directory needs one")
     try:
-        return json.loads(cfg_path.read_text())
+        cfg = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as exc:
         raise MQExportError(f"{cfg_path} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    except UnicodeDecodeError:
+        raise MQExportError(f"{cfg_path} is not UTF-8 text; a config.json is a JSON object") from None
+    if not isinstance(cfg, dict):
+        raise MQExportError(f"{cfg_path} holds a JSON {type(cfg).__name__}, not an object of settings "
+                            f"({{\"d_model\": …}} or {{\"hidden_size\": …}})")
+    return cfg
 
 
 def _weights_file(directory: Path) -> Path:
-    for name in ("model.safetensors", "pytorch_model.bin"):
+    """The one weights file, or the index of a sharded checkpoint (`*.index.json`)."""
+    for name in ("model.safetensors", SHARD_INDEX["model.safetensors"], "pytorch_model.bin",
+                 SHARD_INDEX["pytorch_model.bin"]):
         if (directory / name).is_file():
             return directory / name
-    raise MQExportError(f"{directory} has no model.safetensors or pytorch_model.bin")
+    raise MQExportError(f"{directory} has no model.safetensors or pytorch_model.bin, nor the index.json of "
+                        f"sharded ones")
+
+
+_REQUIRED = object()
+
+
+def _as_integer(value, minimum: int) -> int | None:
+    """`value` as an int ≥ minimum, or None. JSON has one number type, so 128.0 is 128; 128.9,
+    true and "128" are not integers."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        return None
+    return value
+
+
+class _ConfigReader:
+    """Typed reads of config.json settings, taken as JSON wrote them (no string is parsed as a
+    number or a bool, null is no value); each error names the file, key, value and what is expected."""
+
+    def __init__(self, values: dict, source: Path, prefix: str = "") -> None:
+        self.values, self.source, self.prefix = values, source, prefix
+
+    def _value(self, key: str, default):
+        if key in self.values:
+            return self.values[key]
+        if default is _REQUIRED:
+            raise MQExportError(f"{self.source} lacks {self.prefix}{key!r}")
+        return default
+
+    def _invalid(self, key: str, value, expected: str) -> MQExportError:
+        text = json.dumps(value)
+        text = text if len(text) <= 40 else text[:37] + "..."
+        return MQExportError(f"{self.source}: {self.prefix}{key} is {text}; expected {expected}")
+
+    def integer(self, key: str, default=_REQUIRED, minimum: int = 1) -> int:
+        value = self._value(key, default)
+        number = _as_integer(value, minimum)
+        if number is None:
+            raise self._invalid(key, value, f"an integer ≥ {minimum}")
+        return number
+
+    def integer_or_auto(self, key: str) -> int | None:
+        """A dt rank: "auto" (the default) → None, else an integer ≥ 1."""
+        value = self._value(key, "auto")
+        if value == "auto":
+            return None
+        number = _as_integer(value, 1)
+        if number is None:
+            raise self._invalid(key, value, '"auto" or an integer ≥ 1')
+        return number
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self._value(key, default)
+        if not isinstance(value, bool):
+            raise self._invalid(key, value, "true or false")
+        return value
+
+    def positive_float(self, key: str, default: float) -> float:
+        value = self._value(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise self._invalid(key, value, "a positive number")
+        return float(value)
+
+    def section(self, key: str) -> _ConfigReader:
+        value = self._value(key, {})
+        if not isinstance(value, dict):
+            raise self._invalid(key, value, "an object of settings")
+        return _ConfigReader(value, self.source, f"{self.prefix}{key}.")
 
 
 def lm_config_from_mamba_ssm(cfg: dict, source: Path) -> LMConfig:
-    ssm = dict(cfg.get("ssm_cfg") or {})
-    if ssm.pop("layer", "Mamba1") != "Mamba1" or cfg.get("attn_layer_idx") or cfg.get("d_intermediate", 0):
+    """mamba-ssm's MambaConfig (`source`: the checkpoint directory, for error messages)."""
+    read = _ConfigReader(cfg, source / "config.json")
+    ssm = read.section("ssm_cfg")
+    if (ssm.values.get("layer", "Mamba1") != "Mamba1" or cfg.get("attn_layer_idx")
+            or read.integer("d_intermediate", 0, minimum=0)):
         raise MQExportError(f"{source}: only Mamba-1 layers without attention or MLP blocks are supported "
                             f"(ssm_cfg.layer, attn_layer_idx, d_intermediate)")
-    known = {"d_state", "d_conv", "expand", "dt_rank", "conv_bias", "bias"}
+    known = {"layer", "d_state", "d_conv", "expand", "dt_rank", "conv_bias", "bias"}
     # Initialisation-only settings do not change inference.
     ignored = {"dt_min", "dt_max", "dt_init", "dt_scale", "dt_init_floor", "use_fast_path"}
-    unknown = set(ssm) - known - ignored
+    unknown = set(ssm.values) - known - ignored
     if unknown:
         raise MQExportError(f"{source}: ssm_cfg settings {sorted(unknown)} are not supported")
-    try:
-        rank = ssm.get("dt_rank", "auto")
-        mixer = MixerConfig(d_model=int(cfg["d_model"]), d_state=int(ssm.get("d_state", 16)),
-                            d_conv=int(ssm.get("d_conv", 4)), expand=int(ssm.get("expand", 2)),
-                            dt_rank=None if rank == "auto" else int(rank),
-                            conv_bias=bool(ssm.get("conv_bias", True)), bias=bool(ssm.get("bias", False)))
-        return LMConfig(mixer=mixer, n_layer=int(cfg["n_layer"]), vocab_size=int(cfg["vocab_size"]),
-                        rms_norm=bool(cfg.get("rms_norm", True)),
-                        norm_epsilon=float(cfg.get("norm_epsilon", 1e-5)),
-                        pad_vocab_size_multiple=int(cfg.get("pad_vocab_size_multiple", 8)),
-                        tie_embeddings=bool(cfg.get("tie_embeddings", True)))
-    except KeyError as exc:
-        raise MQExportError(f"{source}: config.json lacks {exc.args[0]!r}") from None
+    mixer = MixerConfig(d_model=read.integer("d_model"), d_state=ssm.integer("d_state", 16),
+                        d_conv=ssm.integer("d_conv", 4), expand=ssm.integer("expand", 2),
+                        dt_rank=ssm.integer_or_auto("dt_rank"), conv_bias=ssm.boolean("conv_bias", True),
+                        bias=ssm.boolean("bias", False))
+    return LMConfig(mixer=mixer, n_layer=read.integer("n_layer"), vocab_size=read.integer("vocab_size"),
+                    rms_norm=read.boolean("rms_norm", True), norm_epsilon=read.positive_float("norm_epsilon", 1e-5),
+                    pad_vocab_size_multiple=read.integer("pad_vocab_size_multiple", 8),
+                    tie_embeddings=read.boolean("tie_embeddings", True))
 
 
 def lm_config_from_hf(cfg: dict, source: Path) -> LMConfig:
+    """HF transformers' MambaConfig (`source`: the checkpoint directory, for error messages)."""
     if cfg.get("hidden_act", "silu") != "silu":
         raise MQExportError(f"{source}: hidden_act {cfg['hidden_act']!r} is not supported (only silu)")
-    try:
-        d_model = int(cfg["hidden_size"])
-        rank = cfg.get("time_step_rank", "auto")
-        mixer = MixerConfig(d_model=d_model, d_state=int(cfg.get("state_size", 16)),
-                            d_conv=int(cfg.get("conv_kernel", 4)), expand=int(cfg.get("expand", 2)),
-                            dt_rank=None if rank == "auto" else int(rank),
-                            conv_bias=bool(cfg.get("use_conv_bias", True)), bias=bool(cfg.get("use_bias", False)))
-        if int(cfg.get("intermediate_size", mixer.d_inner)) != mixer.d_inner:
-            raise MQExportError(f"{source}: intermediate_size {cfg['intermediate_size']} is not expand × "
-                                f"hidden_size = {mixer.d_inner}")
-        return LMConfig(mixer=mixer, n_layer=int(cfg["num_hidden_layers"]), vocab_size=int(cfg["vocab_size"]),
-                        rms_norm=True, norm_epsilon=float(cfg.get("layer_norm_epsilon", 1e-5)),
-                        pad_vocab_size_multiple=1, tie_embeddings=bool(cfg.get("tie_word_embeddings", True)))
-    except KeyError as exc:
-        raise MQExportError(f"{source}: config.json lacks {exc.args[0]!r}") from None
+    read = _ConfigReader(cfg, source / "config.json")
+    mixer = MixerConfig(d_model=read.integer("hidden_size"), d_state=read.integer("state_size", 16),
+                        d_conv=read.integer("conv_kernel", 4), expand=read.integer("expand", 2),
+                        dt_rank=read.integer_or_auto("time_step_rank"), conv_bias=read.boolean("use_conv_bias", True),
+                        bias=read.boolean("use_bias", False))
+    if read.integer("intermediate_size", mixer.d_inner) != mixer.d_inner:
+        raise MQExportError(f"{source}: intermediate_size {cfg['intermediate_size']} is not expand × "
+                            f"hidden_size = {mixer.d_inner}")
+    return LMConfig(mixer=mixer, n_layer=read.integer("num_hidden_layers"), vocab_size=read.integer("vocab_size"),
+                    rms_norm=True, norm_epsilon=read.positive_float("layer_norm_epsilon", 1e-5),
+                    pad_vocab_size_multiple=1, tie_embeddings=read.boolean("tie_word_embeddings", True))
 
 
 def hf_to_mamba_ssm_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -181,6 +289,8 @@ def load_lm(directory: str | Path) -> MambaLMHeadModel:
                             f"'mamba')")
     cfg = lm_config_from_hf(raw, directory) if is_hf else lm_config_from_mamba_ssm(raw, directory)
     weights = _weights_file(directory)
+    if weights.name in SHARD_INDEX.values():
+        return load_sharded(cfg, weights, hf_names=is_hf)
     state = _read_tensors(weights)
     if is_hf:
         state = hf_to_mamba_ssm_keys(state)
@@ -190,6 +300,145 @@ def load_lm(directory: str | Path) -> MambaLMHeadModel:
     model = MambaLMHeadModel(cfg)
     _load_strict(model, state, weights)
     return model.eval()
+
+
+# ---------------------------------------------------------------- sharded checkpoints (HF layout)
+
+# Single weights file → the index HF writes instead when it splits the weights into shards.
+SHARD_INDEX = {"model.safetensors": "model.safetensors.index.json",
+               "pytorch_model.bin": "pytorch_model.bin.index.json"}
+
+
+def _read_shard_index(index: Path) -> dict[str, list[str]]:
+    """Shard file name → the tensor names `index` (HF: {"metadata": …, "weight_map": {name: file}})
+    puts in it. Every listed shard must exist next to the index."""
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        weight_map = None
+    if not isinstance(weight_map, dict) or not weight_map or \
+            not all(isinstance(v, str) for v in weight_map.values()):
+        raise MQExportError(f"{index} is not a shard index: it needs a JSON object with a \"weight_map\" of "
+                            f"tensor name → shard file")
+    shards: dict[str, list[str]] = {}
+    for name, file in weight_map.items():
+        shards.setdefault(file, []).append(name)
+    for file in shards:
+        if Path(file).name != file or not (index.parent / file).is_file():
+            raise MQExportError(f"{index} lists shard {file!r}, which is not a file in {index.parent}; "
+                                f"download every shard the index names")
+    return shards
+
+
+def _read_shard(path: Path, names: list[str]) -> dict[str, Tensor]:
+    """The tensors `names` from one shard; a safetensors shard reads only those."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if path.suffix == ".safetensors":
+                from safetensors import safe_open
+                with safe_open(str(path), framework="pt") as f:
+                    present = set(f.keys())
+                    tensors = {name: f.get_tensor(name) for name in names if name in present}
+            else:
+                tensors = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch/safetensors raise many types for a file that is not a checkpoint
+        raise MQExportError(f"shard {path} is not a readable PyTorch/safetensors file ({_error_reason(exc)})") from None
+    if not isinstance(tensors, dict):
+        raise MQExportError(f"shard {path} holds no state dict of tensors")
+    absent = [name for name in names if not isinstance(tensors.get(name), Tensor)]
+    if absent:
+        raise MQExportError(f"shard {path} lacks {absent[:4]}{' …' if len(absent) > 4 else ''}, which the "
+                            f"index puts in it; the shard or the index is from another checkpoint")
+    return {name: tensors[name] for name in names}
+
+
+def _check_tensor(source: Path, key: str, value: Tensor, expected_shape: tuple[int, ...]) -> None:
+    """One checkpoint tensor against the model's parameter: shape, real floating point, finite."""
+    if tuple(value.shape) != tuple(expected_shape):
+        raise MQExportError(f"{source}: {key} has shape {tuple(value.shape)}, the model expects "
+                            f"{tuple(expected_shape)}")
+    if not value.is_floating_point():
+        raise MQExportError(f"{source}: {key} has dtype {value.dtype}; the model's weights are real floating "
+                            f"point (dequantize the checkpoint first)")
+    if not torch.isfinite(value).all():
+        raise MQExportError(f"{source}: {key} contains NaN or Inf values; the checkpoint is corrupt (or was "
+                            f"saved after training diverged)")
+
+
+def load_sharded(cfg: LMConfig, index: Path, hf_names: bool) -> MambaLMHeadModel:
+    """The model of `cfg` with the weights of a sharded checkpoint, read shard by shard into a model
+    built on the meta device: the loaded tensors become the parameters (`assign=True`), so the peak
+    is the weights once plus what one shard holds beyond them, not a second copy of the model."""
+    shards = _read_shard_index(index)
+    with torch.device("meta"):
+        model = MambaLMHeadModel(cfg)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if cfg.tie_embeddings:
+        del expected["lm_head.weight"]   # tied: the embedding is the one copy (a listed lm_head is skipped)
+    to_model = {file: dict(zip(names, hf_to_mamba_ssm_keys(dict.fromkeys(names)) if hf_names else names))
+                for file, names in shards.items()}
+    listed = {key for keys in to_model.values() for key in keys.values()}
+    missing, unexpected = sorted(set(expected) - listed), sorted(listed - set(expected) - {"lm_head.weight"})
+    if missing or unexpected:
+        parts = [f"{what} keys {keys[:4]}{' …' if len(keys) > 4 else ''}"
+                 for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
+        raise MQExportError(f"{index} does not match the model: {'; '.join(parts)}")
+    for file, keys in sorted(to_model.items()):
+        path = index.parent / file
+        wanted = {name: key for name, key in keys.items() if key in expected}   # not a tied lm_head
+        state = {}
+        for name, value in _read_shard(path, list(wanted)).items():
+            _check_tensor(path, name, value, expected[wanted[name]])
+            state[wanted[name]] = value.float()
+        model.load_state_dict(state, strict=False, assign=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.backbone.embedding.weight
+    return model.eval()
+
+
+def save_sharded(tensors: Iterable[tuple[str, Tensor]], directory: str | Path, max_shard_bytes: int,
+                 safetensors: bool = True) -> Path:
+    """Write (name, tensor) pairs as HF writes a large checkpoint: shards of at most `max_shard_bytes`
+    (a larger tensor gets a shard of its own), `model-0000k-of-0000n.safetensors` (or
+    `pytorch_model-0000k-of-0000n.bin`) + the index. Tensors are consumed one at a time, so a
+    generator keeps at most one shard in memory. Returns the index's path."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    stem, suffix = ("model", ".safetensors") if safetensors else ("pytorch_model", ".bin")
+    written: list[tuple[Path, list[str]]] = []
+    total = 0
+
+    def write(shard: dict[str, Tensor]) -> None:
+        path = directory / f".shard-{len(written)}.partial"   # renamed once the shard count is known
+        if safetensors:
+            from safetensors.torch import save_file
+            save_file({k: v.contiguous() for k, v in shard.items()}, str(path), metadata={"format": "pt"})
+        else:
+            torch.save(shard, path)
+        written.append((path, list(shard)))
+
+    shard: dict[str, Tensor] = {}
+    shard_bytes = 0
+    for name, tensor in tensors:
+        size = tensor.numel() * tensor.element_size()
+        if shard and shard_bytes + size > max_shard_bytes:
+            write(shard)
+            shard, shard_bytes = {}, 0
+        shard[name] = tensor
+        shard_bytes += size
+        total += size
+    if shard:
+        write(shard)
+    del shard
+    weight_map = {}
+    for k, (path, names) in enumerate(written, 1):
+        final = f"{stem}-{k:05d}-of-{len(written):05d}{suffix}"
+        path.replace(directory / final)
+        weight_map.update(dict.fromkeys(names, final))
+    index = directory / SHARD_INDEX[stem + suffix]
+    index.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+    return index
 
 
 def save_mamba_ssm(model: MambaLMHeadModel, directory: str | Path) -> None:
@@ -213,8 +462,4 @@ def save_mamba_ssm(model: MambaLMHeadModel, directory: str | Path) -> None:
 def load_checkpoint(path: str | Path) -> nn.Module:
     """Dispatch on what `path` is: a directory → language model, a file → classifier family."""
     path = Path(path)
-    if path.is_dir():
-        return load_lm(path)
-    if not path.exists():
-        raise MQExportError(f"checkpoint {path} does not exist")
-    return load_classifier(path)
+    return load_lm(path) if path.is_dir() else load_classifier(path)

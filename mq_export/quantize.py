@@ -26,6 +26,9 @@ from .transforms import TransformConfig, apply_transforms, method_transforms
 
 METHODS = ("rtn", "smoothquant", "hadamard", "mambaquant")
 CLIP_RATIOS = torch.linspace(1.0, 0.5, 26).tolist()
+# Weight rows the clip search and the fake quantization handle at once: bounds their temporaries
+# (a 1.4B model's lm_head has 50k rows of 2048; whole, each pass took 1-2 GB on top of the model).
+ROWS_AT_ONCE = 1024
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,11 @@ class QuantConfig:
     @property
     def use_gptq(self) -> bool:
         return self.w_bits <= 4 if self.gptq is None else self.gptq
+
+    @property
+    def needs_covariance(self) -> bool:
+        """Whether calibration must keep the sites' d×d second moments (GPTQ Hessians, KLT)."""
+        return self.use_gptq or self.transforms().rotation == "klt"
 
 
 @dataclass
@@ -87,20 +95,35 @@ def weight_group_size(in_features: int, group_size: int | None) -> int | None:
 def rtn_scales(weight: Tensor, bits: int, group_size: int | None, importance: Tensor | None = None) -> Tensor:
     """Per-channel (or per-block) scales, each clipped to the ratio of its abs-max that minimises the
     squared rounding error, weighted by the input channels' mean square when known."""
-    out_f, in_f = weight.shape
+    _, in_f = weight.shape
     gs = group_size or in_f
-    w = weight.float().reshape(out_f, in_f // gs, gs)
     imp = torch.ones(in_f) if importance is None else importance.float().clamp_min(1e-12)
     imp = imp.reshape(1, in_f // gs, gs)
     qmin, qmax = int_range(bits)
-    amax = w.abs().amax(-1).clamp_min(1e-12)
-    best_err, best = torch.full_like(amax, float("inf")), amax / qmax
-    for ratio in CLIP_RATIOS:
-        scale = amax * ratio / qmax
-        err = (((torch.clamp(torch.round(w / scale[..., None]), qmin, qmax) * scale[..., None] - w) ** 2) * imp).sum(-1)
-        better = err < best_err
-        best_err, best = torch.where(better, err, best_err), torch.where(better, scale, best)
-    return (best[:, 0] if group_size is None else best).float()
+    best = []
+    for rows in weight.split(ROWS_AT_ONCE):    # rows are independent: same result, bounded temporaries
+        w = rows.float().reshape(len(rows), in_f // gs, gs)
+        amax = w.abs().amax(-1).clamp_min(1e-12)
+        best_err, best_rows = torch.full_like(amax, float("inf")), amax / qmax
+        for ratio in CLIP_RATIOS:
+            scale = amax * ratio / qmax
+            err = (((torch.clamp(torch.round(w / scale[..., None]), qmin, qmax) * scale[..., None] - w) ** 2)
+                   * imp).sum(-1)
+            better = err < best_err
+            best_err, best_rows = torch.where(better, err, best_err), torch.where(better, scale, best_rows)
+        best.append(best_rows)
+    scales = torch.cat(best)
+    return (scales[:, 0] if group_size is None else scales).float()
+
+
+def fake_quantized(weight: Tensor, wq: WeightQuant) -> Tensor:
+    """`wq.dequantize(wq.quantize(weight))`, `ROWS_AT_ONCE` rows at a time (bounded temporaries)."""
+    out = torch.empty(weight.shape)
+    for start in range(0, len(weight), ROWS_AT_ONCE):
+        rows = slice(start, start + ROWS_AT_ONCE)
+        block = WeightQuant(scale=wq.scale[rows], bits=wq.bits, group_size=wq.group_size)
+        out[rows] = block.dequantize(block.quantize(weight[rows]))
+    return out
 
 
 def gptq(weight: Tensor, hessian: Tensor, wq: WeightQuant, damp: float = 0.01) -> Tensor:
@@ -135,10 +158,10 @@ def quantize_weights(model: nn.Module, sites: dict[str, SiteStats], cfg: QuantCo
         w = linear.weight.data
         group = weight_group_size(w.shape[1], cfg.w_group_size)
         hessian = stats.second_moment if stats is not None and stats.sum_outer is not None else None
-        importance = torch.diag(hessian) if hessian is not None else None
+        importance = stats.mean_square if stats is not None else None
         wq = WeightQuant(scale=rtn_scales(w, cfg.w_bits, group, importance), bits=cfg.w_bits, group_size=group)
         deq = gptq(w, hessian, wq) if cfg.use_gptq and hessian is not None else w
-        linear.weight = nn.Parameter(wq.dequantize(wq.quantize(deq)), requires_grad=False)
+        linear.weight = nn.Parameter(fake_quantized(deq, wq), requires_grad=False)
         linear.weight_quant = wq
         names.append(name)
     return names
@@ -161,17 +184,26 @@ def prepare(model: nn.Module, stats: CalibrationStats, cfg: QuantConfig, quiet: 
     """Apply the method's transforms to a copy of `model` and re-collect activation statistics on
     it (rotations and smoothing change the distributions the ranges are set from)."""
     tcfg = cfg.transforms()
+    if cfg.needs_covariance and any(s.sum_outer is None for s in stats.sites.values()):
+        raise MQExportError(f"--method {cfg.method} with {cfg.w_bits}-bit weights needs second moments of the "
+                            f"activations; calibrate with covariance=True")
     if not (tcfg.smooth_inputs or tcfg.smooth_gate or tcfg.smooth_state or tcfg.rotation):
         return Prepared(copy.deepcopy(model), stats.sites, {"rotation": None, "online": []})
     transformed, info = apply_transforms(model, stats, tcfg)
     sites, _ = collect_site_stats(transformed, stats.inputs[:cfg.range_samples], stats.batch_size,
-                                  desc=f"calibrate ({cfg.method})", quiet=quiet)
+                                  covariance=cfg.use_gptq, desc=f"calibrate ({cfg.method})", quiet=quiet)
     return Prepared(transformed, sites, info)
 
 
 def quantize_prepared(prepared: Prepared, stats: CalibrationStats, cfg: QuantConfig,
                       quiet: bool = False) -> tuple[nn.Module, dict]:
-    model = copy.deepcopy(prepared.model)
+    """Quantize a copy of `prepared.model` (a Prepared can serve several configurations)."""
+    return _quantize_model(copy.deepcopy(prepared.model), prepared, stats, cfg, quiet)
+
+
+def _quantize_model(model: nn.Module, prepared: Prepared, stats: CalibrationStats, cfg: QuantConfig,
+                    quiet: bool) -> tuple[nn.Module, dict]:
+    """Quantize `model` (`prepared.model` or a copy of it) in place."""
     weights = quantize_weights(model, prepared.sites, cfg)
     if cfg.calibrator == "auto":
         # Same selection for every method: the calibrator whose fake-quant outputs are closest
@@ -219,4 +251,6 @@ def quantize_prepared(prepared: Prepared, stats: CalibrationStats, cfg: QuantCon
 def quantize(model: nn.Module, stats: CalibrationStats, cfg: QuantConfig,
              quiet: bool = False) -> tuple[nn.Module, dict]:
     """A quantized deep copy of `model` (never mutated) and the method's settings."""
-    return quantize_prepared(prepare(model, stats, cfg, quiet), stats, cfg, quiet)
+    prepared = prepare(model, stats, cfg, quiet)
+    # `prepared.model` is already this call's own copy: quantizing it in place saves another one.
+    return _quantize_model(prepared.model, prepared, stats, cfg, quiet)

@@ -2,7 +2,33 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
+from typing import Iterator
+
+from .errors import MQExportError
+
+
+def json_text(data: dict, what: str) -> str:
+    """`data` as indented JSON. JSON has no NaN or Infinity (Python would write the invalid tokens
+    `NaN`/`Infinity`), so a non-finite number is refused with the key that holds it."""
+    for key, value in _numbers(data):
+        if not math.isfinite(value):
+            raise MQExportError(f"{what} value {key} is {value}, which JSON cannot represent (the model's "
+                                f"outputs are not finite?); nothing was written")
+    return json.dumps(data, indent=2, allow_nan=False)
+
+
+def _numbers(value, key: str = "") -> Iterator[tuple[str, float]]:
+    """(dotted key, number) for every float in nested dicts and lists."""
+    if isinstance(value, dict):
+        for name, item in value.items():
+            yield from _numbers(item, f"{key}.{name}" if key else str(name))
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            yield from _numbers(item, f"{key}[{index}]")
+    elif isinstance(value, float):
+        yield key, value
 
 
 @dataclass
@@ -27,7 +53,7 @@ class Report:
         return out
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
+        return json_text(self.to_dict(), "report.json") + "\n"
 
     def table(self) -> str:
         """Small human-readable table: one row per backend, one column per metric."""

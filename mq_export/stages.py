@@ -21,7 +21,8 @@ def quantize_stage(model: nn.Module, calib: Split | Tensor, inputs: Tensor, conf
     `quantize`/`fake_quant` timings and, when `metrics` and `labels` are given, the `fake_quant`
     block (scored against `fp32_logits`). Returns (quantized model, its logits, calibration stats)."""
     t0 = time.perf_counter()
-    stats = calibrate(model, calib, exclude=exclude, batch_size=batch_size, quiet=quiet)
+    stats = calibrate(model, calib, exclude=exclude, batch_size=batch_size, quiet=quiet,
+                      covariance=config.needs_covariance)
     qmodel, settings = quantize(model, stats, config, quiet=quiet)
     report.settings.update(settings)
     report.seconds["quantize"] = time.perf_counter() - t0

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from .calibrate import CalibrationStats, SiteStats
 from .errors import MQExportError
-from .hadamard import random_hadamard
+from .hadamard import SUPPORTED_ORDERS, has_hadamard_matrix, random_hadamard
 from .model import MambaLMHeadModel, MambaMixer, MambaSequenceClassifier, RMSNorm
 
 ROTATIONS = ("hadamard", "klt")
@@ -131,9 +131,15 @@ class _Transformer:
             raise MQExportError(f"calibration statistics have no site {name!r}: calibrate this model")
         return self.stats.sites[name]
 
-    def rotation(self, covariance: Tensor) -> Tensor | None:
+    def rotation(self, covariance: Tensor, dimension: str) -> Tensor | None:
+        """The rotation of a stream whose width is the model's `dimension` (named in the error)."""
         if self.cfg.rotation is None:
             return None
+        n = covariance.shape[0]
+        if not has_hadamard_matrix(n):
+            raise MQExportError(f"{dimension} {n} has no Hadamard matrix here (orders {SUPPORTED_ORDERS}), and "
+                                f"--method hadamard/mambaquant rotate the {dimension}-wide stream by one: use --method "
+                                f"smoothquant or rtn, or a model whose {dimension} is such an order")
         if self.cfg.rotation == "klt":
             return klt_rotation(covariance, self.generator)
         return random_hadamard(covariance.shape[0], self.generator)
@@ -146,7 +152,7 @@ class _Transformer:
         # dt path: x_proj's dt rows → dt_proj, folded offline.
         site = self.site(prefix + "sites.dt_proj")
         s = self.smoothing(site, mixer.dt_proj) if cfg.smooth_inputs else None
-        m, m_inv = smooth_then_rotate(s, self.rotation(_scaled_covariance(site, s)), r)
+        m, m_inv = smooth_then_rotate(s, self.rotation(_scaled_covariance(site, s), "dt_rank"), r)
         fold_stream_transform(m, m_inv, writers=[(mixer.x_proj, slice(0, r))], readers=[mixer.dt_proj])
         # h·C along the state dimension: C·s and B/s leave Σ_n h_n C_n unchanged (the decay is
         # elementwise in n), folded into x_proj's B and C rows.
@@ -158,7 +164,7 @@ class _Transformer:
         # out_proj input: S-SiLU smoothing (z-rows of in_proj / s, gate σ(s⊙z)), then an online rotation.
         site = self.site(prefix + "sites.out_proj")
         s = self.smoothing(site, mixer.out_proj) if cfg.smooth_gate else None
-        rot = self.rotation(_scaled_covariance(site, s))
+        rot = self.rotation(_scaled_covariance(site, s), "d_inner")
         if s is not None:
             if mixer.gate_scale is not None:
                 raise MQExportError("model already has an S-SiLU gate scale; transform the original model")
@@ -182,7 +188,7 @@ class _Transformer:
             writer = model.input_proj if i == 0 else model.layers[i - 1].out_proj
             site = self.site(f"layers.{i}.sites.in_proj")
             s = self.smoothing(site, layer.in_proj) if cfg.smooth_inputs else None
-            m, m_inv = smooth_then_rotate(s, self.rotation(_scaled_covariance(site, s)), site.channels)
+            m, m_inv = smooth_then_rotate(s, self.rotation(_scaled_covariance(site, s), "d_model"), site.channels)
             fold_stream_transform(m, m_inv, writers=[(writer, slice(None))], readers=[layer.in_proj])
         # The classifier input, after mean → LayerNorm.
         site, last = self.site("sites.classifier"), model.layers[-1].out_proj
@@ -191,7 +197,7 @@ class _Transformer:
             gamma = norm.weight.data if norm.weight is not None else torch.ones_like(site.mean)
             # Covariance of the affine-free normalised input (x − β)/γ, which the rotation sees
             # (the shift by β does not change it).
-            rot = self.rotation(site.covariance / (gamma[:, None] * gamma[None, :]).clamp_min(1e-12))
+            rot = self.rotation(site.covariance / (gamma[:, None] * gamma[None, :]).clamp_min(1e-12), "d_model")
             model.norm = layernorm_to_rmsnorm(norm, last, model.classifier)
             fold_stream_transform(rot, rot.T, writers=[(last, slice(None))], readers=[model.classifier])
         elif cfg.smooth_inputs:
@@ -229,7 +235,7 @@ class _Transformer:
             covariance = covariance + self.site(name).covariance / (gamma[:, None] * gamma[None, :]).clamp_min(1e-12)
             reader.weight.data = reader.weight.data * gamma[None, :]
             norm.weight.data = torch.ones_like(gamma)
-        rot = self.rotation(covariance)
+        rot = self.rotation(covariance, "d_model")
         fold_stream_transform(rot, rot.T, writers=[(b.mixer.out_proj, slice(None)) for b in backbone.layers],
                               readers=[reader for _, reader, _ in norms], embeddings=[backbone.embedding])
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import MQExportError
-from .evaluate import batched_logits, progress_enabled
+from .evaluate import batched_logits
 
 ONNX_NAME = "model.onnx"
 
@@ -66,21 +68,42 @@ def onnx_stage(model: nn.Module, inputs: Tensor, staging: Path, reference_logits
     the same model (fp32 or fake-quant); `metrics(logits, labels, fp32_logits)` scores when given.
     """
     from .export import export_onnx
-    from .ort import session
+    from .ort import int8_matmul_policy, session
 
     seconds = {}
     t0 = time.perf_counter()
     _, info = export_onnx(model, staging / ONNX_NAME, opset=opset)
     seconds["export_onnx"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    logits = ort_logits(session(staging / ONNX_NAME, threads=1), inputs, batch_size, desc, quiet)
+    int8_matmul = int8_matmul_policy()
+    logits = ort_logits(session(staging / ONNX_NAME, threads=1, int8_matmul=int8_matmul), inputs, batch_size,
+                        desc, quiet)
     seconds["onnxruntime"] = time.perf_counter() - t0
     block = dict(metrics(logits, labels, fp32_logits)) if metrics is not None and labels is not None else {}
     block.update(logits_errors(logits, reference_logits))
-    return block, info.to_dict(), seconds
+    return block, {**info.to_dict(), "int8_matmul": int8_matmul.to_dict()}, seconds
 
 
 # ------------------------------------------------------------------ `mq-export validate`
+
+@dataclass(frozen=True)
+class Tolerances:
+    """Pass criteria of `validate`: ONNX Runtime against the FP32 PyTorch model."""
+    max_rel_error: float   # max |ORT − PyTorch| / max |PyTorch|
+    min_agreement: float   # fraction of samples (positions, for LMs) whose argmax agrees
+
+
+# An FP32 graph reproduces PyTorch up to float rounding (bundled model: rel. error 1.8e-5,
+# agreement 1.0), so any real difference fails. A Q/DQ graph is compared with the FP32 model it was
+# quantized from, so the bounds must admit quantization error. Measured on the bundled classifier
+# (2000 images), rel. error / agreement: MambaQuant W8A8 0.17 / 0.992, W4A8 0.25 / 0.992, RTN W4A8
+# 0.50 / 0.979; bundled LM, RTN W4A8, 32 windows: 0.11 / 0.962 (its README table goes down to
+# 0.961, SmoothQuant W4A8). The relative error is the single worst logit, heavy-tailed under
+# quantization: its bound only catches gross breakage (a wrong scale); agreement is the real gate
+# (another model's graph agrees on about 1/classes of the samples).
+FP32_TOLERANCES = Tolerances(max_rel_error=1e-3, min_agreement=0.999)
+QDQ_TOLERANCES = Tolerances(max_rel_error=1.0, min_agreement=0.9)
+
 
 def validate_engine_file(engine_path: str | Path, plugin_path: str | Path, onnx_path: str | Path,
                          model: str = "mnist", batch: int = 64) -> dict:
@@ -88,44 +111,106 @@ def validate_engine_file(engine_path: str | Path, plugin_path: str | Path, onnx_
     bundled model's evaluation data (needs TensorRT and a GPU; a clear error otherwise)."""
     import dataclasses
 
-    import onnx
-
     from .bundled import bundled
-    from .engine import validate_engine
+    from .engine import load_onnx, validate_engine
 
+    input_name = load_onnx(onnx_path).graph.input[0].name
     _, evaluation = bundled(model).splits(batch)
-    input_name = onnx.load(str(onnx_path), load_external_data=False).graph.input[0].name
     comparisons = validate_engine(engine_path, plugin_path, onnx_path, {input_name: evaluation.inputs.numpy()})
     return {"engine": str(engine_path), "onnx": str(onnx_path), "samples": len(evaluation),
             "outputs": [dataclasses.asdict(c) for c in comparisons],
-            "passed": all(c.passed for c in comparisons)}
+            "passed": all(c.passed for c in comparisons),
+            "failed": [f"output {c.name}: max |TensorRT − ONNX Runtime| {c.max_abs_error:.3g} (reference max "
+                       f"{c.max_reference:.3g})" for c in comparisons if not c.passed]}
 
 
-def validate_onnx_file(onnx_path: str | Path, model: str = "mnist", limit: int | None = 2000,
-                       batch_size: int = 64, scan_kernel: bool = False, quiet: bool = False) -> dict:
-    """ONNX Runtime on the evaluation data vs the FP32 PyTorch model (`model`: a bundled name or a
-    checkpoint of the exported family). Errors, argmax agreement, accuracy, Polygraphy's verdict."""
-    from .api import load
+def _validation_data(torch_model: nn.Module, model: str | Path, data: str | Path | None,
+                     limit: int | None) -> tuple[Tensor, Tensor | None, object, str, int]:
+    """(inputs, labels or None, metrics or None, what the inputs are, batch size) to validate on:
+    `data` when given, else the bundled model's evaluation split, MNIST's for a classifier of its
+    shape, random token ids for a language model."""
     from .bundled import BUNDLED, bundled
+    from .data import mnist_splits
+    from .evaluate import classification_metrics
     from .model import MambaLMHeadModel
-    from .ort import session
 
-    onnx_path = Path(onnx_path)
-    if not onnx_path.is_file():
-        raise MQExportError(f"{onnx_path} does not exist; pass the model.onnx that export/demo wrote")
-    sess = session(onnx_path, scan_kernel=scan_kernel, threads=1)
-    torch_model = load(model)
-    labels = None
-    if model in BUNDLED:
+    is_lm = isinstance(torch_model, MambaLMHeadModel)
+    if data is not None:
+        inputs = load_calibration_file(data, torch_model, role="--data")[:limit]
+        return inputs, None, None, f"{Path(data).name}[0:{len(inputs)}]", 2 if is_lm else 64
+    if isinstance(model, str) and model in BUNDLED:
         spec = bundled(model)
         _, evaluation = spec.splits(limit)
-        inputs, labels, metrics = evaluation.inputs, evaluation.labels, spec.metrics
-    elif isinstance(torch_model, MambaLMHeadModel):
+        return evaluation.inputs, evaluation.labels, spec.metrics, evaluation.name, spec.batch_size
+    if is_lm:
         g = torch.Generator().manual_seed(0)
-        inputs, metrics = torch.randint(0, torch_model.cfg.vocab_size, (8, 128), generator=g), None
-        batch_size = 2
-    else:
-        raise MQExportError(f"no evaluation data for {model}; validate bundled models or language models")
+        return torch.randint(0, torch_model.cfg.vocab_size, (8, 128), generator=g), None, None, "random ids", 2
+    if _mnist_shaped(torch_model):
+        _, evaluation = mnist_splits(limit)
+        return evaluation.inputs, evaluation.labels, classification_metrics, evaluation.name, 64
+    raise MQExportError(f"{model} has no bundled evaluation data (d_input {torch_model.cfg.d_input}, "
+                        f"{torch_model.cfg.n_classes} classes); pass --data FILE: a .pt/.npy float tensor "
+                        f"(n, L, {torch_model.cfg.d_input}) of its inputs")
+
+
+def _mnist_shaped(model: nn.Module) -> bool:
+    """A classifier that takes MNIST's pixel sequences: evaluated on the bundled MNIST split."""
+    return model.cfg.d_input == 1 and model.cfg.n_classes == 10
+
+
+def _shape_text(shape) -> str:
+    return "(" + ", ".join(str(d) if isinstance(d, int) else str(d or "?") for d in shape) + ")"
+
+
+def _check_graph_fits(sess, onnx_path: Path, model: str | Path, inputs: Tensor, reference: Tensor) -> None:
+    """Refuse, before anything runs, a graph whose input or output cannot be the model's: another
+    model's export, a decode graph, a different width. `reference`: PyTorch's output for inputs[:1]."""
+    graph_inputs, graph_outputs = sess.get_inputs(), sess.get_outputs()
+    if len(graph_inputs) != 1:
+        names = ", ".join(i.name for i in graph_inputs)
+        raise MQExportError(f"{onnx_path} takes {len(graph_inputs)} inputs ({names}); validate compares "
+                            f"single-input graphs such as export's {ONNX_NAME}")
+    takes, gives = graph_inputs[0], graph_outputs[0]
+
+    def fits(graph_shape, shape) -> bool:   # dynamic dims fit anything; the batch dim must be dynamic
+        return len(graph_shape) == len(shape) and not isinstance(graph_shape[0], int) and all(
+            not isinstance(g, int) or g == d for g, d in zip(graph_shape[1:], shape[1:]))
+
+    graph_type = takes.type.removeprefix("tensor(").removesuffix(")")   # ORT writes "tensor(float)"
+    data_type = {torch.float32: "float", torch.int64: "int64"}[inputs.dtype]
+    if graph_type != data_type or not fits(takes.shape, inputs.shape):
+        raise MQExportError(f"{onnx_path} takes {graph_type} {_shape_text(takes.shape)} but {model}'s inputs are "
+                            f"{data_type} {_shape_text(['batch', *inputs.shape[1:]])}: pass the --model it was "
+                            f"exported from")
+    if not fits(gives.shape, reference.shape):
+        raise MQExportError(f"{onnx_path} outputs {_shape_text(gives.shape)} but {model} gives "
+                            f"{_shape_text(['batch', *reference.shape[1:]])}: pass the --model it was exported from")
+
+
+def validate_onnx_file(onnx_path: str | Path, model: str | Path = "mnist", limit: int | None = 2000,
+                       batch_size: int | None = None, scan_kernel: bool = False, quiet: bool = False,
+                       data: str | Path | None = None, max_rel_error: float | None = None,
+                       min_agreement: float | None = None) -> dict:
+    """ONNX Runtime vs the FP32 PyTorch model (`model`: a bundled name or a checkpoint of the
+    exported family) on `data` (.pt/.npy inputs) or the model's evaluation data: errors, argmax
+    agreement, accuracy, Polygraphy's verdict, and `passed` against the tolerances (defaults
+    FP32_TOLERANCES or QDQ_TOLERANCES by the graph's kind; `failed` says what missed)."""
+    from .api import load
+    from .engine import is_quantized, load_onnx
+    from .ort import int8_matmul_policy, session
+
+    onnx_path = Path(onnx_path)
+    quantized = is_quantized(load_onnx(onnx_path))
+    defaults = QDQ_TOLERANCES if quantized else FP32_TOLERANCES
+    tolerances = Tolerances(defaults.max_rel_error if max_rel_error is None else max_rel_error,
+                            defaults.min_agreement if min_agreement is None else min_agreement)
+    torch_model = load(model)
+    inputs, labels, metrics, data_name, default_batch = _validation_data(torch_model, model, data, limit)
+    batch_size = batch_size or default_batch
+    int8_matmul = int8_matmul_policy()
+    sess = session(onnx_path, scan_kernel=scan_kernel, threads=1, int8_matmul=int8_matmul)
+    with torch.inference_mode():
+        _check_graph_fits(sess, onnx_path, model, inputs, torch_model(inputs[:1]))
     name = sess.get_inputs()[0].name
     t0 = time.perf_counter()
     ort_out = ort_logits(sess, inputs, batch_size, "onnxruntime", quiet)
@@ -133,63 +218,87 @@ def validate_onnx_file(onnx_path: str | Path, model: str = "mnist", limit: int |
     t0 = time.perf_counter()
     ref_logits = batched_logits(torch_model, inputs, batch_size=batch_size, desc="pytorch", quiet=quiet)
     torch_seconds = time.perf_counter() - t0
-    result = {"model": str(model), "onnx": str(onnx_path), "samples": len(inputs),
-              "scan": "registered kernel" if scan_kernel else "function body"}
+    result = {"model": str(model), "onnx": str(onnx_path), "data": data_name, "samples": len(inputs),
+              "graph": "Q/DQ" if quantized else "FP32",
+              "scan": "registered kernel" if scan_kernel else "function body",
+              "int8_matmul": int8_matmul.to_dict()}
     if metrics is not None:
         result["onnxruntime"] = metrics(ort_out, labels, ref_logits)
         result["pytorch"] = metrics(ref_logits, labels, None)
-    result.update(logits_errors(ort_out, ref_logits))
+    errors = logits_errors(ort_out, ref_logits)
+    result.update(errors)
     n = min(2, (len(inputs) + batch_size - 1) // batch_size)
     feeds = [{name: inputs[i * batch_size:(i + 1) * batch_size].numpy()} for i in range(n)]
     out_name = sess.get_outputs()[0].name
     refs = [{out_name: ref_logits[i * batch_size:(i + 1) * batch_size].numpy()} for i in range(n)]
     result["polygraphy_match_1e-4"] = polygraphy_compare(sess, feeds, refs)
+    rel_error, agreement = errors["max_rel_error_vs_pytorch"], errors["argmax_agreement_vs_pytorch"]
+    result["checks"] = {
+        "max_rel_error_vs_pytorch": {"value": rel_error, "max": tolerances.max_rel_error,
+                                     "passed": rel_error <= tolerances.max_rel_error},
+        "argmax_agreement_vs_pytorch": {"value": agreement, "min": tolerances.min_agreement,
+                                        "passed": agreement >= tolerances.min_agreement}}
+    result["failed"] = [f"{key} {check['value']:.3g} " + (f"> max {check['max']:g}" if "max" in check
+                                                          else f"< min {check['min']:g}")
+                        for key, check in result["checks"].items() if not check["passed"]]
+    result["passed"] = not result["failed"]
     result["seconds"] = {"onnxruntime": ort_seconds, "pytorch": torch_seconds}
     return result
 
 
 # ------------------------------------------------------------------ `mq-export export`
 
-def load_calibration_file(path: str | Path, model: nn.Module) -> Tensor:
-    """Calibration inputs for a user's model: .pt (a tensor, or a dict with one) or .npy.
-    LMs: int token ids (n, L); classifiers: float inputs (n, L, d_input)."""
+def load_calibration_file(path: str | Path, model: nn.Module, role: str = "calibration file") -> Tensor:
+    """Inputs for a user's model from a file: .pt (a tensor, or a dict with one) or .npy.
+    LMs: int token ids (n, L); classifiers: float inputs (n, L, d_input); at least one sample of
+    length >= 1. `role` names the file in errors (export's calibration file, validate's --data)."""
+    from .loaders import _error_reason
     from .model import MambaLMHeadModel, MambaSequenceClassifier
 
     path = Path(path)
     if not path.is_file():
-        raise MQExportError(f"calibration file {path} does not exist")
+        raise MQExportError(f"{role} {path} does not exist")
     try:
         if path.suffix == ".npy":
             data = torch.from_numpy(np.load(path, allow_pickle=False))
         elif path.suffix in (".pt", ".pth"):
-            data = torch.load(path, map_location="cpu", weights_only=True)
+            # torch.load warns on its way to some failures; the one-line error below says it all.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                data = torch.load(path, map_location="cpu", weights_only=True)
             if isinstance(data, dict):
                 tensors = [v for v in data.values() if isinstance(v, Tensor)]
                 if len(tensors) != 1:
-                    raise MQExportError(f"{path} holds a dict with {len(tensors)} tensors; save one tensor")
+                    raise MQExportError(f"{role} {path} holds a dict with {len(tensors)} tensors; save one tensor")
                 data = tensors[0]
         else:
-            raise MQExportError(f"calibration file {path}: use .pt or .npy (token ids (n, L) for language "
+            raise MQExportError(f"{role} {path}: use .pt or .npy (token ids (n, L) for language "
                                 f"models, float inputs (n, L, d_input) for classifiers)")
     except MQExportError:
         raise
     except Exception as exc:
-        raise MQExportError(f"cannot read calibration file {path} ({type(exc).__name__})") from None
+        raise MQExportError(f"cannot read {role} {path} ({_error_reason(exc)})") from None
     if not isinstance(data, Tensor):
-        raise MQExportError(f"{path} does not hold a tensor")
+        raise MQExportError(f"{role} {path} does not hold a tensor")
+    found = f"got {data.dtype} {tuple(data.shape)}"
     if isinstance(model, MambaLMHeadModel):
-        if data.dim() != 2 or data.is_floating_point():
-            raise MQExportError(f"{path}: a language model calibrates on int token ids (n, L), got "
-                                f"{data.dtype} {tuple(data.shape)}")
+        if data.dim() != 2 or data.is_floating_point() or data.is_complex() or data.dtype == torch.bool:
+            raise MQExportError(f"{role} {path}: a language model takes int token ids (n, L), {found}")
+        expected = "token ids (n, L)"
+        data = data.long()
         if data.numel() and (data.min() < 0 or data.max() >= model.cfg.vocab_size):
-            raise MQExportError(f"{path}: token ids outside [0, {model.cfg.vocab_size})")
-        return data.long()
-    if isinstance(model, MambaSequenceClassifier):
+            raise MQExportError(f"{role} {path}: token ids outside [0, {model.cfg.vocab_size})")
+    elif isinstance(model, MambaSequenceClassifier):
         if data.dim() != 3 or data.shape[-1] != model.cfg.d_input or not data.is_floating_point():
-            raise MQExportError(f"{path}: this classifier calibrates on float inputs (n, L, "
-                                f"{model.cfg.d_input}), got {data.dtype} {tuple(data.shape)}")
-        return data.float()
-    raise MQExportError(f"no calibration format for {type(model).__name__}")
+            raise MQExportError(f"{role} {path}: this classifier takes float inputs (n, L, "
+                                f"{model.cfg.d_input}), {found}")
+        expected = f"inputs (n, L, {model.cfg.d_input})"
+        data = data.float()
+    else:
+        raise MQExportError(f"no input format for {type(model).__name__}")
+    if data.numel() == 0:
+        raise MQExportError(f"{role} {path} is empty ({found}); it needs {expected} with n >= 1 and L >= 1")
+    return data
 
 
 def run_export(checkpoint: str | Path, out: str | Path, method: str = "none", calib: str | Path | None = None,
@@ -211,18 +320,25 @@ def run_export(checkpoint: str | Path, out: str | Path, method: str = "none", ca
         raise MQExportError(f"opset {opset} is not supported; choose 18–21 (21 for INT4 weights)")
     t0 = time.perf_counter()
     model = load_checkpoint(checkpoint)   # rejects bad checkpoints before anything is written
-    calib_inputs = load_calibration_file(calib, model) if calib is not None else None
     is_lm = isinstance(model, MambaLMHeadModel)
+    # Without a method the file only stands in for evaluation data, which a classifier of MNIST's
+    # shape has bundled: there it would be read for nothing, most likely a forgotten --method.
+    if method == "none" and calib is not None and not is_lm and _mnist_shaped(model):
+        from .quantize import METHODS
+        raise MQExportError(f"--calib is only used to calibrate a quantization method and this classifier is "
+                            f"evaluated on the bundled MNIST split: add --method ({', '.join(METHODS)}) or "
+                            f"drop --calib")
+    calib_inputs = load_calibration_file(calib, model) if calib is not None else None
     if decode and not is_lm:
         raise MQExportError(f"--decode exports a language model's step graph; {checkpoint} is a classifier")
-    with staged_output_dir(out, force) as staging:
+    with staged_output_dir(out, force, inputs=(checkpoint, calib)) as staging:
         labels, metrics, exclude = None, None, ()
         if is_lm:
             g = torch.Generator().manual_seed(0)
             inputs = calib_inputs[:8] if calib_inputs is not None else \
                 torch.randint(0, model.cfg.vocab_size, (4, 64), generator=g)
             eval_info, batch = {"samples": len(inputs), "split": "calibration sample" if calib else "random ids"}, 2
-        elif model.cfg.d_input == 1 and model.cfg.n_classes == 10:
+        elif _mnist_shaped(model):
             _, evaluation = mnist_splits(limit)
             inputs, labels, metrics = evaluation.inputs, evaluation.labels, classification_metrics
             exclude = (evaluation,)   # a user's calibration file must not overlap the images scored here
@@ -235,8 +351,8 @@ def run_export(checkpoint: str | Path, out: str | Path, method: str = "none", ca
             eval_info, batch = {"samples": len(inputs), "split": "calibration sample"}, 64
         report = Report(model=str(checkpoint), method=method, w_bits=w_bits if method != "none" else 32,
                         a_bits=a_bits if method != "none" else 32,
-                        calibration={"samples": 0 if calib_inputs is None else len(calib_inputs),
-                                     "split": str(calib) if calib else "none"}, eval=eval_info)
+                        calibration={"samples": len(calib_inputs), "split": str(calib)} if method != "none"
+                        else {"samples": 0, "split": "none"}, eval=eval_info)
         report.seconds["load"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         fp32_logits = batched_logits(model, inputs, batch_size=batch, desc="fp32", quiet=quiet)

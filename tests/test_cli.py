@@ -43,7 +43,7 @@ def test_non_empty_output_needs_force(tmp_path):
 
 def test_limit_must_be_positive(tmp_path):
     proc = run_cli("demo", "-o", str(tmp_path / "o"), "--limit", "0")
-    assert proc.returncode != 0 and "--limit must be positive" in proc.stderr
+    assert proc.returncode == 2 and "argument --limit: must be a positive integer" in proc.stderr
     assert not (tmp_path / "o").exists()
 
 

@@ -10,14 +10,18 @@ on the bundled MNIST classifier (batch 64, length 784) and on a random LM-sized 
 not depend on how the scales were chosen. Also lists which nodes ORT's optimizer turned the Q/DQ
 graph into (e.g. MatMulIntegerToFloat, QLinearMatMul, DynamicQuantizeMatMul).
 
-    python tools/bench_ort.py [--reps 3] [--threads 2] [--skip-lm]
+The INT8 sessions follow `mq_export.ort.int8_matmul_policy` (--int8-matmul, default auto: integer
+kernels only on CPUs where ORT's integer GEMM is exact). A speed-up is printed only for an INT8
+graph whose logits match fake-quant PyTorch (max rel err <= 1e-2); otherwise the script says why
+and exits with status 1.
+
+    python tools/bench_ort.py [--reps 3] [--threads 2] [--skip-lm] [--int8-matmul auto|integer|exact]
 """
 from __future__ import annotations
 
 import argparse
 import collections
 import logging
-import os
 import sys
 import tempfile
 import time
@@ -31,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mq_export.export import export_onnx  # noqa: E402
 from mq_export.loaders import load_classifier  # noqa: E402
 from mq_export.model import LMConfig, MambaLMHeadModel, MixerConfig  # noqa: E402
-from mq_export.ort import session  # noqa: E402
+from mq_export.ort import INT8_MATMUL_CHOICES, Int8MatMul, cpu_info, int8_matmul_policy, session  # noqa: E402
 from mq_export.qspec import ActQuant, FakeQuantize, WeightQuant  # noqa: E402
 
 logging.getLogger("torch.onnx").setLevel(logging.ERROR)
@@ -67,29 +71,21 @@ def best_of(fn, reps: int) -> float:
     return min(times)
 
 
-def fused_ops(path: Path, threads: int) -> dict:
+MAX_REL_ERROR = 1e-2   # INT8 vs fake-quant logits beyond this: the timing is of a wrong graph
+
+
+def fused_ops(path: Path, threads: int, int8_matmul: Int8MatMul) -> dict:
     """Op histogram of the graph ORT actually runs (optimized model, function inlined)."""
-    import onnxruntime as ort
-    with tempfile.TemporaryDirectory() as tmp:
-        so = ort.SessionOptions()
-        so.optimized_model_filepath = os.path.join(tmp, "opt.onnx")
-        so.intra_op_num_threads = threads
-        so.log_severity_level = 3
-        disabled = ["QDQPropagationTransformer"] if _opset(path) >= 21 else None
-        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
-        opt = onnx.load(so.optimized_model_filepath)
-    counts = collections.Counter(n.op_type for n in opt.graph.node)
+    optimized = path.with_name(f"{path.stem}_optimized.onnx")
+    session(path, threads=threads, int8_matmul=int8_matmul, optimized_model=optimized)
+    counts = collections.Counter(n.op_type for n in onnx.load(str(optimized)).graph.node)
     return {k: counts[k] for k in sorted(counts) if k in {
         "QuantizeLinear", "DequantizeLinear", "MatMul", "FusedMatMul", "QLinearMatMul", "MatMulIntegerToFloat",
         "DynamicQuantizeMatMul", "MatMulInteger", "QGemm", "Gemm", "Loop", "SelectiveScan", "QLinearConv", "Conv"}}
 
 
-def _opset(path: Path) -> int:
-    m = onnx.load(str(path), load_external_data=False)
-    return next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx"))
-
-
-def bench(name: str, make_model, x: torch.Tensor, feed_name: str, reps: int, threads: int, tmp: Path) -> dict:
+def bench(name: str, make_model, x: torch.Tensor, feed_name: str, reps: int, threads: int, tmp: Path,
+          int8_matmul: Int8MatMul) -> dict:
     model = make_model()
     fp32_path, int8_path = tmp / f"{name}_fp32.onnx", tmp / f"{name}_int8.onnx"
     export_onnx(model, fp32_path)
@@ -100,7 +96,7 @@ def bench(name: str, make_model, x: torch.Tensor, feed_name: str, reps: int, thr
     t_fp32 = best_of(lambda: s_fp32.run(None, feed), reps)
     qmodel = fake_quantize_w8a8(make_model(), x[:1, : min(x.shape[1], 256)])
     export_onnx(qmodel, int8_path)
-    s_int8 = session(int8_path, threads=threads)
+    s_int8 = session(int8_path, threads=threads, int8_matmul=int8_matmul)
     t_int8 = best_of(lambda: s_int8.run(None, feed), reps)
     with torch.inference_mode():
         ref = qmodel(x).numpy()
@@ -108,7 +104,7 @@ def bench(name: str, make_model, x: torch.Tensor, feed_name: str, reps: int, thr
     return {"model": name, "input": tuple(x.shape), "torch_s": t_torch, "ort_fp32_s": t_fp32, "ort_int8_s": t_int8,
             "ort_fp32_over_torch": t_fp32 / t_torch, "int8_speedup_over_fp32": t_fp32 / t_int8,
             "int8_vs_fakequant_max_rel": float(np.abs(out - ref).max() / np.abs(ref).max()),
-            "ort_int8_graph": fused_ops(int8_path, threads)}
+            "ort_int8_graph": fused_ops(int8_path, threads, int8_matmul)}
 
 
 def main() -> None:
@@ -116,14 +112,18 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--skip-lm", action="store_true")
+    parser.add_argument("--int8-matmul", choices=INT8_MATMUL_CHOICES, default=None,
+                        help="INT8 MatMul kernels (default: $MQ_EXPORT_ORT_INT8_MATMUL or auto)")
     args = parser.parse_args()
+    int8_matmul = int8_matmul_policy(args.int8_matmul)
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     torch.manual_seed(0)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        rows.append(bench("mnist", load_classifier, torch.randn(64, 784, 1), "x", args.reps, args.threads, tmp))
+        rows.append(bench("mnist", load_classifier, torch.randn(64, 784, 1), "x", args.reps, args.threads, tmp,
+                          int8_matmul))
         if not args.skip_lm:
             cfg = LMConfig(mixer=MixerConfig(d_model=768), n_layer=4, vocab_size=50280)
 
@@ -131,15 +131,26 @@ def main() -> None:
                 torch.manual_seed(0)
                 return MambaLMHeadModel(cfg).eval()
             ids = torch.randint(0, cfg.vocab_size, (1, 512), generator=torch.Generator().manual_seed(0))
-            rows.append(bench("lm-768x4", make_lm, ids, "input_ids", args.reps, args.threads, tmp))
-    print(f"threads={args.threads}  best of {args.reps}")
+            rows.append(bench("lm-768x4", make_lm, ids, "input_ids", args.reps, args.threads, tmp, int8_matmul))
+    print(f"CPU {cpu_info().model}  threads={args.threads}  best of {args.reps}")
+    print(f"INT8 MatMul kernels: {int8_matmul.to_dict()['kernels']} ({int8_matmul.reason})")
+    wrong = []
     for r in rows:
         print(f"{r['model']:9s} input {r['input']}: torch {r['torch_s']*1e3:8.1f} ms | ORT fp32 {r['ort_fp32_s']*1e3:8.1f} ms"
               f" | ORT int8 {r['ort_int8_s']*1e3:8.1f} ms")
-        print(f"          ORT fp32 / torch = {r['ort_fp32_over_torch']:.2f}x   "
-              f"ORT int8 speed-up over ORT fp32 = {r['int8_speedup_over_fp32']:.2f}x   "
-              f"int8 vs fake-quant max rel err = {r['int8_vs_fakequant_max_rel']:.1e}")
+        error = r["int8_vs_fakequant_max_rel"]
+        if error <= MAX_REL_ERROR:
+            speedup = f"ORT int8 speed-up over ORT fp32 = {r['int8_speedup_over_fp32']:.2f}x"
+        else:
+            speedup = "ORT int8 speed-up: not reported, the INT8 results are wrong"
+            wrong.append(f"{r['model']}: ORT INT8 differs from fake-quant PyTorch by max rel err {error:.1e} "
+                         f"(> {MAX_REL_ERROR:.0e})")
+        print(f"          ORT fp32 / torch = {r['ort_fp32_over_torch']:.2f}x   {speedup}   "
+              f"int8 vs fake-quant max rel err = {error:.1e}")
         print(f"          ORT int8 graph after optimization: {r['ort_int8_graph']}")
+    if wrong:
+        hint = ["(--int8-matmul exact keeps Q/DQ in float)"] if int8_matmul.integer else []
+        sys.exit("\n  ".join(["refusing to report INT8 speed-ups of wrong graphs:", *wrong, *hint]))
 
 
 if __name__ == "__main__":
