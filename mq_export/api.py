@@ -12,14 +12,14 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .bundled import BUNDLED, bundled
-from .calibrate import CalibrationStats
-from .calibrate import calibrate as _calibrate
-from .data import Split
+from .load.bundled import BUNDLED, bundled
+from .quant.calibrate import CalibrationStats
+from .quant.calibrate import calibrate as _calibrate
+from .load.data import Split
 from .evaluate import Forward, batched_logits
-from .loaders import load_checkpoint
-from .quantize import QuantConfig
-from .quantize import quantize as _quantize
+from .load.checkpoints import load_checkpoint
+from .quant.quantize import QuantConfig
+from .quant.quantize import quantize as _quantize
 
 
 def load(model: str | Path = "mnist") -> nn.Module:
@@ -54,14 +54,14 @@ def export_onnx(model: nn.Module, path: str | Path, opset: int | None = None) ->
     """Write `model` (fp32 or fake-quantized) to an ONNX file: one SelectiveScan node + local
     function per scan, Q/DQ at the quant sites, dynamic batch/length. Returns what was exported
     (opset, scan variant, Q/DQ sites, weight storage). Any other module: `export.export_module`."""
-    from .export import export_onnx as _export_onnx
+    from .export.onnx import export_onnx as _export_onnx
     return _export_onnx(model, path, opset=opset)[1].to_dict()
 
 
 def onnxruntime_forward(path: str | Path, scan_kernel: bool = False) -> Forward:
     """A logits function over an ONNX Runtime session of `path`, usable with `validate`.
     `scan_kernel`: SelectiveScan through the registered onnxruntime-extensions kernel."""
-    from .ort import OrtForward, session
+    from .runtime.ort import OrtForward, session
     return OrtForward(session(path, scan_kernel=scan_kernel))
 
 

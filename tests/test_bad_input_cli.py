@@ -16,12 +16,12 @@ import torch
 from onnx import TensorProto, helper
 
 from mq_export import checks
-from mq_export.cli import build_parser, main
+from mq_export.commands.cli import build_parser, main
 from mq_export.errors import MQExportError
-from mq_export.loaders import BUNDLED_CLASSIFIER, save_mamba_ssm
-from mq_export.model import (ClassifierConfig, LMConfig, MambaLMHeadModel, MambaSequenceClassifier,
+from mq_export.load.checkpoints import BUNDLED_CLASSIFIER, save_mamba_ssm
+from mq_export.models.mamba import (ClassifierConfig, LMConfig, MambaLMHeadModel, MambaSequenceClassifier,
                              MixerConfig)
-from mq_export.report import Report, json_text
+from mq_export.commands.report import Report, json_text
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -89,7 +89,7 @@ def test_largest_seed_and_smallest_temperature_are_accepted():
 
 
 def test_shared_checks_name_the_argument_for_api_callers():
-    from mq_export.decode import run_generate
+    from mq_export.commands.generate import run_generate
     with pytest.raises(MQExportError, match=r"^--temperature must be a finite number >= 0.001 .*got nan$"):
         run_generate("shakespeare-charlm", "ROMEO:", 5, temperature=math.nan)
     with pytest.raises(MQExportError, match=r"^--seed must be an integer in \[0, 2\*\*64\), got -1$"):

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from mq_export.calibrate import calibrate, shares_a_sample
-from mq_export.cli import main
-from mq_export.data import Split, mnist_splits
+from mq_export.quant.calibrate import calibrate, shares_a_sample
+from mq_export.commands.cli import main
+from mq_export.load.data import Split, mnist_splits
 from mq_export.errors import MQExportError
-from mq_export.loaders import load_checkpoint, load_classifier, load_lm, save_mamba_ssm
-from mq_export.model import ClassifierConfig, MambaSequenceClassifier, MixerConfig
-from mq_export.transforms import apply_transforms, method_transforms
+from mq_export.load.checkpoints import load_checkpoint, load_classifier, load_lm, save_mamba_ssm
+from mq_export.models.mamba import ClassifierConfig, MambaSequenceClassifier, MixerConfig
+from mq_export.quant.transforms import apply_transforms, method_transforms
 from tests.test_loaders import small_lm
 from tests.test_transforms import classifier_split, lm_split, small_classifier
 

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from mq_export.calibrate import HIST_HALF_BINS, SiteStats, activation_range, calibrate
-from mq_export.data import Split
+from mq_export.quant.calibrate import HIST_HALF_BINS, SiteStats, activation_range, calibrate
+from mq_export.load.data import Split
 from mq_export.errors import MQExportError
 from tests.test_transforms import classifier_split, small_classifier
 

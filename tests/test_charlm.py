@@ -6,11 +6,11 @@ import math
 import pytest
 import torch
 
-from mq_export.bundled import bundled
-from mq_export.charlm import (CHARLM_DIR, WINDOW, CharTokenizer, calibration_text, charlm_splits, lm_metrics,
+from mq_export.load.bundled import bundled
+from mq_export.load.charlm import (CHARLM_DIR, WINDOW, CharTokenizer, calibration_text, charlm_splits, lm_metrics,
                               ngram_baselines, split_text, windows)
 from mq_export.errors import MQExportError
-from mq_export.model import MambaLMHeadModel
+from mq_export.models.mamba import MambaLMHeadModel
 
 
 def test_tokenizer_round_trip_and_unknown_characters(tmp_path) -> None:

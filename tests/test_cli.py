@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from mq_export.cli import main
+from mq_export.commands.cli import main
 
 
 def run_cli(*args):
@@ -70,3 +70,11 @@ def test_engine_commands_without_tensorrt_fail_in_one_line(tmp_path):
         assert proc.returncode != 0 and "Traceback" not in proc.stderr
         assert proc.stderr.strip().count("\n") == 0 and "'tensorrt' is not installed" in proc.stderr
     assert not (tmp_path / "m.engine").exists()
+
+
+def test_console_script_is_the_cli_main():
+    """pyproject's `mq-export` entry point names the CLI's main (it moved with the package layout)."""
+    from importlib.metadata import entry_points
+
+    (script,) = entry_points(group="console_scripts", name="mq-export")
+    assert script.load() is main

@@ -6,11 +6,11 @@ import onnx
 import pytest
 import torch
 
-from mq_export.decode import (OrtDecoder, TorchDecoder, check_decode, export_decode, forward_with_state, generate,
-                              state_names, zero_state)
+from mq_export.export.decode import export_decode, state_names
+from mq_export.runtime.decode import OrtDecoder, TorchDecoder, check_decode, generate
 from mq_export.errors import MQExportError
-from mq_export.model import LMConfig, MambaLMHeadModel, MixerConfig
-from mq_export.ops import SCAN_DOMAIN, SCAN_OP_TYPE
+from mq_export.models.mamba import LMConfig, MambaLMHeadModel, MixerConfig
+from mq_export.ops.spec import SCAN_DOMAIN, SCAN_OP_TYPE
 
 
 def random_lm(seed: int = 0, d_conv: int = 4) -> MambaLMHeadModel:
@@ -30,20 +30,20 @@ def test_state_carried_over_steps_equals_full_sequence(prefix: int, d_conv: int)
     ids = torch.randint(0, 11, (3, 12))
     with torch.no_grad():
         full = model(ids)
-        state = zero_state(model, 3)
+        state = model.zero_state(3)
         pieces = []
         if prefix:
-            logits, state = forward_with_state(model, ids[:, :prefix], state)
+            logits, state = model(ids[:, :prefix], state)
             pieces.append(logits)
         for t in range(prefix, ids.shape[1]):
-            logits, state = forward_with_state(model, ids[:, t:t + 1], state)
+            logits, state = model(ids[:, t:t + 1], state)
             pieces.append(logits)
     torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-5, rtol=1e-5)
 
 
 def test_state_shapes() -> None:
     model = random_lm()
-    _, state = forward_with_state(model, torch.zeros(2, 3, dtype=torch.long), zero_state(model, 2))
+    _, state = model(torch.zeros(2, 3, dtype=torch.long), model.zero_state(2))
     assert [tuple(t.shape) for t in state[0]] == [(2, 32, 3), (2, 32, 4)]
 
 
@@ -100,8 +100,8 @@ def test_check_decode_reports_agreement(exported) -> None:
 
 
 def test_export_decode_refuses_a_classifier(tmp_path) -> None:
-    from mq_export.loaders import BUNDLED_CLASSIFIER
-    from mq_export.validate_onnx import run_export
+    from mq_export.load.checkpoints import BUNDLED_CLASSIFIER
+    from mq_export.commands.validate import run_export
     with pytest.raises(MQExportError, match="--decode"):
         run_export(BUNDLED_CLASSIFIER, tmp_path / "out", decode=True)
     assert not (tmp_path / "out").exists()

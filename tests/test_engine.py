@@ -1,4 +1,4 @@
-"""mq_export.engine: argument handling and command strings everywhere, engine builds where TensorRT is."""
+"""mq_export.runtime.engine: argument handling and command strings everywhere, engine builds where TensorRT is."""
 from __future__ import annotations
 
 import importlib.util
@@ -11,9 +11,9 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from mq_export.engine import DimRange, build_engine, equivalent_commands, parse_profile, validate_engine
+from mq_export.runtime.engine import DimRange, build_engine, equivalent_commands, parse_profile, validate_engine
 from mq_export.errors import MQExportError
-from mq_export.ops import SCAN_DOMAIN, SCAN_DOMAIN_VERSION, SCAN_OP_TYPE, SelectiveScanSpec
+from mq_export.ops.spec import SCAN_DOMAIN, SCAN_DOMAIN_VERSION, SCAN_OP_TYPE, SelectiveScanSpec
 
 PLUGIN_LIB = os.environ.get("MQ_TRT_PLUGIN_LIB")
 

@@ -9,14 +9,14 @@ import pytest
 import torch
 from onnx.reference import ReferenceEvaluator
 
-from mq_export import ort as mq_ort
+from mq_export.runtime import ort as mq_ort
 from mq_export.errors import MQExportError
-from mq_export.export import export_module, export_onnx, scan_function
-from mq_export.loaders import load_classifier
-from mq_export.model import ClassifierConfig, LMConfig, MambaLMHeadModel, MambaSequenceClassifier, MixerConfig
-from mq_export.ops import SCAN_DOMAIN, SCAN_OP_TYPE, SCAN_PLUGIN_NAMESPACE, SCAN_PLUGIN_VERSION, SelectiveScanSpec
-from mq_export.qspec import ActQuant, FakeQuantize, WeightQuant
-from mq_export.scan import selective_scan_reference
+from mq_export.export.onnx import export_module, export_onnx, scan_function
+from mq_export.load.checkpoints import load_classifier
+from mq_export.models.mamba import ClassifierConfig, LMConfig, MambaLMHeadModel, MambaSequenceClassifier, MixerConfig
+from mq_export.ops.spec import SCAN_DOMAIN, SCAN_OP_TYPE, SCAN_PLUGIN_NAMESPACE, SCAN_PLUGIN_VERSION, SelectiveScanSpec
+from mq_export.quant.qspec import ActQuant, FakeQuantize, WeightQuant
+from mq_export.ops.selective_scan import selective_scan_reference
 from tests.conftest import random_scan_inputs
 
 logging.getLogger("torch.onnx").setLevel(logging.ERROR)
@@ -232,8 +232,8 @@ def test_export_module_rejects_unknown_module():
 def test_cli_export_none_and_validate(tmp_path, capsys):
     import json
 
-    from mq_export.cli import main
-    from mq_export.loaders import BUNDLED_CLASSIFIER
+    from mq_export.commands.cli import main
+    from mq_export.load.checkpoints import BUNDLED_CLASSIFIER
 
     out = tmp_path / "exp"
     assert main(["export", str(BUNDLED_CLASSIFIER), "-o", str(out), "--limit", "16", "--json"]) == 0
@@ -248,8 +248,8 @@ def test_cli_export_none_and_validate(tmp_path, capsys):
 
 
 def test_cli_export_lm_directory(tmp_path):
-    from mq_export.cli import main
-    from mq_export.loaders import save_mamba_ssm
+    from mq_export.commands.cli import main
+    from mq_export.load.checkpoints import save_mamba_ssm
 
     lm = MambaLMHeadModel(LMConfig(mixer=MixerConfig(d_model=16), n_layer=1, vocab_size=30)).eval()
     save_mamba_ssm(lm, tmp_path / "lm")
@@ -266,8 +266,8 @@ def test_cli_export_lm_directory(tmp_path):
     (["--method", "rtn"], "--calib"),
 ])
 def test_cli_export_bad_input_is_one_line_and_leaves_nothing(tmp_path, capsys, extra, message):
-    from mq_export.cli import main
-    from mq_export.loaders import BUNDLED_CLASSIFIER
+    from mq_export.commands.cli import main
+    from mq_export.load.checkpoints import BUNDLED_CLASSIFIER
 
     out = tmp_path / "exp"
     assert main(["export", str(BUNDLED_CLASSIFIER), "-o", str(out), *extra]) != 0
@@ -277,8 +277,8 @@ def test_cli_export_bad_input_is_one_line_and_leaves_nothing(tmp_path, capsys, e
 
 
 def test_cli_export_refuses_non_empty_dir_and_bad_checkpoint(tmp_path, capsys):
-    from mq_export.cli import main
-    from mq_export.loaders import BUNDLED_CLASSIFIER
+    from mq_export.commands.cli import main
+    from mq_export.load.checkpoints import BUNDLED_CLASSIFIER
 
     out = tmp_path / "exp"
     out.mkdir()
@@ -294,9 +294,9 @@ def test_cli_export_refuses_non_empty_dir_and_bad_checkpoint(tmp_path, capsys):
 
 
 def test_cli_export_refuses_calibration_overlapping_the_evaluation_images(tmp_path, capsys):
-    from mq_export.cli import main
-    from mq_export.data import mnist_test
-    from mq_export.loaders import BUNDLED_CLASSIFIER
+    from mq_export.commands.cli import main
+    from mq_export.load.data import mnist_test
+    from mq_export.load.checkpoints import BUNDLED_CLASSIFIER
 
     calib = tmp_path / "calib.pt"
     torch.save(mnist_test()[0][:16].clone(), calib)   # the first evaluation images
@@ -335,7 +335,7 @@ class _StatefulScan(torch.nn.Module):
         self.D = torch.nn.Parameter(torch.randn(6))
 
     def forward(self, u, delta, B, C, state):
-        from mq_export import scan
+        from mq_export.ops import selective_scan as scan
         return scan.selective_scan(u, delta, self.A, B, C, self.D, delta_softplus=True, initial_state=state,
                                    return_last_state=True)
 

@@ -7,13 +7,13 @@ import onnx
 import pytest
 import torch
 
-from mq_export import ort as mq_ort
+from mq_export.runtime import ort as mq_ort
 from mq_export.errors import MQExportError
-from mq_export.export import EXTERNAL_MIN_TENSOR_BYTES, export_onnx
-from mq_export.loaders import load_lm, mamba_ssm_to_hf_keys, save_mamba_ssm, save_sharded
-from mq_export.model import LMConfig, MambaLMHeadModel, MixerConfig
-from mq_export.qspec import WeightQuant
-from mq_export.quantize import rtn_scales
+from mq_export.export.onnx import EXTERNAL_MIN_TENSOR_BYTES, export_onnx
+from mq_export.load.checkpoints import load_lm, mamba_ssm_to_hf_keys, save_mamba_ssm, save_sharded
+from mq_export.models.mamba import LMConfig, MambaLMHeadModel, MixerConfig
+from mq_export.quant.qspec import WeightQuant
+from mq_export.quant.quantize import rtn_scales
 
 
 def small_lm(tie: bool = True) -> MambaLMHeadModel:
@@ -179,7 +179,7 @@ def test_external_data_needs_a_path():
 
 def test_rtn_calibrates_without_second_moment_matrices():
     from mq_export.api import calibrate, quantize
-    from mq_export.quantize import QuantConfig
+    from mq_export.quant.quantize import QuantConfig
 
     lm = small_lm()
     ids = torch.randint(0, 40, (6, 12))

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from mq_export.errors import MQExportError
-from mq_export.loaders import (BUNDLED_CLASSIFIER, hf_to_mamba_ssm_keys, load_checkpoint, load_classifier, load_lm,
+from mq_export.load.checkpoints import (BUNDLED_CLASSIFIER, hf_to_mamba_ssm_keys, load_checkpoint, load_classifier, load_lm,
                                mamba_ssm_to_hf_keys, save_mamba_ssm)
-from mq_export.model import LMConfig, MambaLMHeadModel, MixerConfig
+from mq_export.models.mamba import LMConfig, MambaLMHeadModel, MixerConfig
 
 
 def small_lm(**kw) -> MambaLMHeadModel:

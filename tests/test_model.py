@@ -1,8 +1,8 @@
 import torch
 import torch.nn.functional as F
 
-from mq_export.model import LMConfig, MambaLMHeadModel, MambaMixer, MixerConfig
-from mq_export.scan import selective_scan_reference
+from mq_export.models.mamba import LMConfig, MambaLMHeadModel, MambaMixer, MixerConfig
+from mq_export.ops.selective_scan import selective_scan_reference
 
 
 def mixer_by_hand(m: MambaMixer, hidden):

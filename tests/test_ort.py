@@ -7,10 +7,10 @@ import onnx
 import pytest
 import torch
 
-from mq_export import ort as mq_ort
+from mq_export.runtime import ort as mq_ort
 from mq_export.errors import MQExportError
-from mq_export.export import export_onnx
-from mq_export.model import ClassifierConfig, MambaSequenceClassifier, MixerConfig
+from mq_export.export.onnx import export_onnx
+from mq_export.models.mamba import ClassifierConfig, MambaSequenceClassifier, MixerConfig
 
 logging.getLogger("torch.onnx").setLevel(logging.ERROR)
 

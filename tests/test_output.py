@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 import mq_export
-from mq_export.cli import main
+from mq_export.commands.cli import main
 from mq_export.errors import MQExportError
-from mq_export.output import staged_output_dir
+from mq_export.commands.output import staged_output_dir
 
 REPO = Path(mq_export.__file__).resolve().parent.parent
 
@@ -196,7 +196,7 @@ def test_cli_refuses_dot_and_empty_output_in_one_line(tmp_path, monkeypatch, cap
 
 
 def test_cli_export_refuses_the_directory_holding_the_checkpoint(tmp_path, capsys):
-    from mq_export.loaders import BUNDLED_CLASSIFIER
+    from mq_export.load.checkpoints import BUNDLED_CLASSIFIER
     checkpoint = tmp_path / "ckpt" / BUNDLED_CLASSIFIER.name
     checkpoint.parent.mkdir()
     checkpoint.write_bytes(BUNDLED_CLASSIFIER.read_bytes())
@@ -215,9 +215,9 @@ def test_main_restores_the_sigterm_handler(tmp_path, capsys):
 # The CLI in a child process whose demo stages a file and then waits to be stopped.
 _SLOW_DEMO = """
 import sys, time
-import mq_export.demo
-from mq_export.cli import main
-from mq_export.output import staged_output_dir
+import mq_export.commands.demo
+from mq_export.commands.cli import main
+from mq_export.commands.output import staged_output_dir
 
 def slow_demo(cfg):
     with staged_output_dir(cfg.out, cfg.force) as staging:
@@ -225,7 +225,7 @@ def slow_demo(cfg):
         print("staged", flush=True)
         time.sleep(120)
 
-mq_export.demo.run_demo = slow_demo
+mq_export.commands.demo.run_demo = slow_demo
 sys.exit(main(["demo", "-o", sys.argv[1]]))
 """
 
@@ -252,9 +252,9 @@ def tiny_lm_dir(tmp_path_factory):
     """A small random character LM directory, so generate's ONNX export takes a second or two."""
     import torch
 
-    from mq_export.charlm import CharTokenizer
-    from mq_export.loaders import save_mamba_ssm
-    from mq_export.model import LMConfig, MambaLMHeadModel, MixerConfig
+    from mq_export.load.charlm import CharTokenizer
+    from mq_export.load.checkpoints import save_mamba_ssm
+    from mq_export.models.mamba import LMConfig, MambaLMHeadModel, MixerConfig
     torch.manual_seed(0)
     directory = tmp_path_factory.mktemp("lm") / "tiny"
     save_mamba_ssm(MambaLMHeadModel(LMConfig(MixerConfig(16, d_state=4, d_conv=4), n_layer=1, vocab_size=8)),
@@ -285,7 +285,7 @@ def test_generate_onnx_dir_is_staged_and_needs_force(tiny_lm_dir, tmp_path, caps
 
 
 def test_generate_failure_leaves_the_onnx_dir_untouched(tiny_lm_dir, tmp_path, monkeypatch, capsys):
-    import mq_export.decode
+    import mq_export.commands.generate
 
     def export_then_fail(model, directory, opset=None):
         """Writes the graphs where generate asks, then fails as a later step could."""
@@ -293,7 +293,7 @@ def test_generate_failure_leaves_the_onnx_dir_untouched(tiny_lm_dir, tmp_path, m
             (Path(directory) / name).write_text("half")
         raise MQExportError("decoding failed")
 
-    monkeypatch.setattr(mq_export.decode, "export_decode", export_then_fail)
+    monkeypatch.setattr(mq_export.commands.generate, "export_decode", export_then_fail)
     graphs = tmp_path / "graphs"
     graphs.mkdir()
     (graphs / "prefill.onnx").write_text("mine")

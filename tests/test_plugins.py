@@ -17,11 +17,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mq_export import kernels
+from mq_export.ops import cuda_kernel as kernels
 from mq_export.errors import MQExportError
-from mq_export.ops import SCAN_OP_TYPE, SCAN_PLUGIN_NAMESPACE, SCAN_PLUGIN_VERSION, SelectiveScanSpec
-from mq_export.plugin_spec import onnx_node_description, spec_node_description
-from mq_export.scan import selective_scan_reference
+from mq_export.ops.spec import SCAN_OP_TYPE, SCAN_PLUGIN_NAMESPACE, SCAN_PLUGIN_VERSION, SelectiveScanSpec
+from mq_export.ops.plugin_spec import onnx_node_description, spec_node_description
+from mq_export.ops.selective_scan import selective_scan_reference
 
 REPO = Path(__file__).resolve().parents[1]
 TRT_INCLUDE = os.environ.get("MQ_TRT_INCLUDE")

@@ -5,8 +5,8 @@ from torch import nn
 
 from mq_export import QuantConfig, calibrate, quantize
 from mq_export.errors import MQExportError
-from mq_export.qspec import ActQuant, FakeQuantize, WeightQuant
-from mq_export.quantize import gptq, quant_sites, rtn_scales
+from mq_export.quant.qspec import ActQuant, FakeQuantize, WeightQuant
+from mq_export.quant.quantize import gptq, quant_sites, rtn_scales
 from tests.test_transforms import classifier_split, small_classifier, small_lm, lm_split
 
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mq_export import cpu_kernel
-from mq_export.scan import selective_scan, selective_scan_chunked, selective_scan_reference
+from mq_export.ops import cpu_kernel
+from mq_export.ops.selective_scan import selective_scan, selective_scan_chunked, selective_scan_reference
 
 from .conftest import random_scan_inputs
 

@@ -2,13 +2,13 @@
 import pytest
 import torch
 
-from mq_export.calibrate import calibrate
-from mq_export.data import Split
+from mq_export.quant.calibrate import calibrate
+from mq_export.load.data import Split
 from mq_export.errors import MQExportError
-from mq_export.hadamard import hadamard_matrix, random_hadamard
-from mq_export.model import (ClassifierConfig, LMConfig, MambaLMHeadModel, MambaSequenceClassifier, MixerConfig,
+from mq_export.quant.hadamard import hadamard_matrix, random_hadamard
+from mq_export.models.mamba import (ClassifierConfig, LMConfig, MambaLMHeadModel, MambaSequenceClassifier, MixerConfig,
                              RMSNorm)
-from mq_export.transforms import apply_transforms, klt_rotation, method_transforms
+from mq_export.quant.transforms import apply_transforms, klt_rotation, method_transforms
 
 CONFIGS = {
     "smoothquant": method_transforms("smoothquant"),

@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from mq_export.errors import MQExportError  # noqa: E402
-from mq_export.kernels import selective_scan_cuda  # noqa: E402
-from mq_export.scan import selective_scan_reference  # noqa: E402
+from mq_export.ops.cuda_kernel import selective_scan_cuda  # noqa: E402
+from mq_export.ops.selective_scan import selective_scan_reference  # noqa: E402
 
 
 def cuda_time(fn, repeats: int) -> float:

@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 
 from mq_export.api import calibrate, load, quantize
-from mq_export.bundled import bundled
-from mq_export.decode import OrtDecoder, TorchDecoder, export_decode, generate
+from mq_export.load.bundled import bundled
+from mq_export.export.decode import export_decode
+from mq_export.runtime.decode import OrtDecoder, TorchDecoder, generate
 
 
 def tokens_per_second(decoder, prompt: torch.Tensor, tokens: int, vocab: int) -> float:

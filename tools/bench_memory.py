@@ -22,8 +22,8 @@ from typing import Iterator
 
 import torch
 
-from mq_export.loaders import mamba_ssm_to_hf_keys, save_sharded
-from mq_export.model import LMConfig, MambaLMHeadModel, MixerConfig
+from mq_export.load.checkpoints import mamba_ssm_to_hf_keys, save_sharded
+from mq_export.models.mamba import LMConfig, MambaLMHeadModel, MixerConfig
 
 TARGET_RATIO = 2.5
 

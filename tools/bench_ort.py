@@ -10,7 +10,7 @@ on the bundled MNIST classifier (batch 64, length 784) and on a random LM-sized 
 not depend on how the scales were chosen. Also lists which nodes ORT's optimizer turned the Q/DQ
 graph into (e.g. MatMulIntegerToFloat, QLinearMatMul, DynamicQuantizeMatMul).
 
-The INT8 sessions follow `mq_export.ort.int8_matmul_policy` (--int8-matmul, default auto: integer
+The INT8 sessions follow `mq_export.runtime.ort.int8_matmul_policy` (--int8-matmul, default auto: integer
 kernels only on CPUs where ORT's integer GEMM is exact). A speed-up is printed only for an INT8
 graph whose logits match fake-quant PyTorch (max rel err <= 1e-2); otherwise the script says why
 and exits with status 1.
@@ -32,11 +32,11 @@ import onnx
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mq_export.export import export_onnx  # noqa: E402
-from mq_export.loaders import load_classifier  # noqa: E402
-from mq_export.model import LMConfig, MambaLMHeadModel, MixerConfig  # noqa: E402
-from mq_export.ort import INT8_MATMUL_CHOICES, Int8MatMul, cpu_info, int8_matmul_policy, session  # noqa: E402
-from mq_export.qspec import ActQuant, FakeQuantize, WeightQuant  # noqa: E402
+from mq_export.export.onnx import export_onnx  # noqa: E402
+from mq_export.load.checkpoints import load_classifier  # noqa: E402
+from mq_export.models.mamba import LMConfig, MambaLMHeadModel, MixerConfig  # noqa: E402
+from mq_export.runtime.ort import INT8_MATMUL_CHOICES, Int8MatMul, cpu_info, int8_matmul_policy, session  # noqa: E402
+from mq_export.quant.qspec import ActQuant, FakeQuantize, WeightQuant  # noqa: E402
 
 logging.getLogger("torch.onnx").setLevel(logging.ERROR)
 

@@ -14,8 +14,8 @@ import time
 
 import torch
 
-from mq_export import cpu_kernel
-from mq_export.scan import selective_scan, selective_scan_chunked, selective_scan_reference
+from mq_export.ops import cpu_kernel
+from mq_export.ops.selective_scan import selective_scan, selective_scan_chunked, selective_scan_reference
 
 
 def main() -> None:

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from mq_export.api import calibrate, validate
-from mq_export.bundled import bundled
-from mq_export.plots import last_out_proj_site, plot_channel_ranges
-from mq_export.quantize import QuantConfig, prepare, quantize_prepared
+from mq_export.load.bundled import bundled
+from mq_export.quant.plots import last_out_proj_site, plot_channel_ranges
+from mq_export.quant.quantize import QuantConfig, prepare, quantize_prepared
 
 # key: (label, method, klt, randomised)
 ROWS = {

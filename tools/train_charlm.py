@@ -22,13 +22,13 @@ from unittest import mock
 import torch
 from torch import Tensor, nn
 
-from mq_export import model as model_module
-from mq_export.charlm import (CharTokenizer, WINDOW, calibration_text, lm_metrics, ngram_baselines,
+from mq_export.models import mamba as model_module
+from mq_export.load.charlm import (CharTokenizer, WINDOW, calibration_text, lm_metrics, ngram_baselines,
                               split_text, windows)
 from mq_export.evaluate import batched_logits
-from mq_export.loaders import save_mamba_ssm
-from mq_export.model import LMConfig, MambaLMHeadModel, MixerConfig
-from mq_export.scan import _discretize_delta, _finish
+from mq_export.load.checkpoints import save_mamba_ssm
+from mq_export.models.mamba import LMConfig, MambaLMHeadModel, MixerConfig
+from mq_export.ops.selective_scan import _discretize_delta, _finish
 
 
 def differentiable_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,

@@ -9,8 +9,8 @@ import threading
 from pathlib import Path
 from typing import NoReturn
 
-from . import checks
-from .errors import MQExportError
+from .. import checks
+from ..errors import MQExportError
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -54,7 +54,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _build_engine(args: argparse.Namespace) -> int:
-    from .engine import build_engine, equivalent_commands, parse_profile
+    from ..runtime.engine import build_engine, equivalent_commands, parse_profile
     profiles = [parse_profile(text) for text in args.profile] or [{}]
     if args.print_commands:
         for name, line in equivalent_commands(args.model, args.plugin, args.output, args.fp16, profiles[0]).items():
@@ -68,7 +68,7 @@ def _build_engine(args: argparse.Namespace) -> int:
 
 def _validate(args: argparse.Namespace) -> int:
     from .report import json_text
-    from .validate_onnx import validate_engine_file, validate_onnx_file
+    from .validate import validate_engine_file, validate_onnx_file
     if args.engine:
         if not args.plugin:
             raise MQExportError("--engine needs --plugin PATH (libmq_trt_plugins.so from plugins/)")
@@ -86,7 +86,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .validate_onnx import run_export
+    from .validate import run_export
     report = run_export(args.checkpoint, Path(args.output), method=args.method, calib=args.calib,
                         w_bits=args.w_bits, a_bits=args.a_bits, opset=args.opset, limit=args.limit,
                         force=args.force, quiet=args.json, w_group_size=args.w_group_size, decode=args.decode)
@@ -95,7 +95,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from .decode import run_generate
+    from .generate import run_generate
     from .report import json_text
     result = run_generate(args.model, args.prompt, args.tokens, backend=args.backend, greedy=args.greedy,
                           method=args.method, w_bits=args.w_bits, a_bits=args.a_bits, seed=args.seed,
@@ -108,9 +108,9 @@ def _generate(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from importlib.metadata import version
 
-    from .bundled import BUNDLED
+    from ..load.bundled import BUNDLED
     from .demo import METHODS
-    from .validate_onnx import FP32_TOLERANCES, QDQ_TOLERANCES
+    from .validate import FP32_TOLERANCES, QDQ_TOLERANCES
     parser = _ArgumentParser(prog="mq-export", description="Post-training quantization and "
                              "deployment export for Mamba models (MambaQuant).")
     parser.add_argument("--version", action="version", version=f"%(prog)s {version('mq-export')}")

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .errors import MQExportError
-from .evaluate import batched_logits
+from ..errors import MQExportError
+from ..evaluate import batched_logits
 
 ONNX_NAME = "model.onnx"
 
@@ -51,7 +51,7 @@ def ort_logits(sess, inputs: Tensor, batch_size: int, desc: str, quiet: bool) ->
     leave cores free. Callers build it with one thread (`session(..., threads=1)`): on the shared
     2-core machine one batch per core ran 1.3–2× faster than one 2-thread session, which
     synchronises its threads at every node of the scan's function body."""
-    from .ort import OrtForward
+    from ..runtime.ort import OrtForward
 
     session_threads = max(sess.get_session_options().intra_op_num_threads, 1)
     return batched_logits(OrtForward(sess), inputs, batch_size=batch_size, desc=desc, quiet=quiet,
@@ -67,8 +67,8 @@ def onnx_stage(model: nn.Module, inputs: Tensor, staging: Path, reference_logits
     Returns (onnxruntime metrics block, export info, seconds). `reference_logits` are PyTorch's for
     the same model (fp32 or fake-quant); `metrics(logits, labels, fp32_logits)` scores when given.
     """
-    from .export import export_onnx
-    from .ort import int8_matmul_policy, session
+    from ..export.onnx import export_onnx
+    from ..runtime.ort import int8_matmul_policy, session
 
     seconds = {}
     t0 = time.perf_counter()
@@ -111,8 +111,8 @@ def validate_engine_file(engine_path: str | Path, plugin_path: str | Path, onnx_
     bundled model's evaluation data (needs TensorRT and a GPU; a clear error otherwise)."""
     import dataclasses
 
-    from .bundled import bundled
-    from .engine import load_onnx, validate_engine
+    from ..load.bundled import bundled
+    from ..runtime.engine import load_onnx, validate_engine
 
     input_name = load_onnx(onnx_path).graph.input[0].name
     _, evaluation = bundled(model).splits(batch)
@@ -129,10 +129,10 @@ def _validation_data(torch_model: nn.Module, model: str | Path, data: str | Path
     """(inputs, labels or None, metrics or None, what the inputs are, batch size) to validate on:
     `data` when given, else the bundled model's evaluation split, MNIST's for a classifier of its
     shape, random token ids for a language model."""
-    from .bundled import BUNDLED, bundled
-    from .data import mnist_splits
-    from .evaluate import classification_metrics
-    from .model import MambaLMHeadModel
+    from ..load.bundled import BUNDLED, bundled
+    from ..load.data import mnist_splits
+    from ..evaluate import classification_metrics
+    from ..models.mamba import MambaLMHeadModel
 
     is_lm = isinstance(torch_model, MambaLMHeadModel)
     if data is not None:
@@ -195,9 +195,9 @@ def validate_onnx_file(onnx_path: str | Path, model: str | Path = "mnist", limit
     exported family) on `data` (.pt/.npy inputs) or the model's evaluation data: errors, argmax
     agreement, accuracy, Polygraphy's verdict, and `passed` against the tolerances (defaults
     FP32_TOLERANCES or QDQ_TOLERANCES by the graph's kind; `failed` says what missed)."""
-    from .api import load
-    from .engine import is_quantized, load_onnx
-    from .ort import int8_matmul_policy, session
+    from ..api import load
+    from ..runtime.engine import is_quantized, load_onnx
+    from ..runtime.ort import int8_matmul_policy, session
 
     onnx_path = Path(onnx_path)
     quantized = is_quantized(load_onnx(onnx_path))
@@ -252,8 +252,8 @@ def load_calibration_file(path: str | Path, model: nn.Module, role: str = "calib
     """Inputs for a user's model from a file: .pt (a tensor, or a dict with one) or .npy.
     LMs: int token ids (n, L); classifiers: float inputs (n, L, d_input); at least one sample of
     length >= 1. `role` names the file in errors (export's calibration file, validate's --data)."""
-    from .loaders import _error_reason
-    from .model import MambaLMHeadModel, MambaSequenceClassifier
+    from ..load.checkpoints import _error_reason
+    from ..models.mamba import MambaLMHeadModel, MambaSequenceClassifier
 
     path = Path(path)
     if not path.is_file():
@@ -306,10 +306,10 @@ def run_export(checkpoint: str | Path, out: str | Path, method: str = "none", ca
                force: bool = False, quiet: bool = False, w_group_size: int | None = None, decode: bool = False):
     """`mq-export export`: a user's checkpoint → DIR/model.onnx + DIR/report.json (`decode`: also the
     stateful prefill.onnx and decode_step.onnx of a language model, see decode.py)."""
-    from .data import mnist_splits
-    from .evaluate import classification_metrics
-    from .loaders import load_checkpoint
-    from .model import MambaLMHeadModel
+    from ..load.data import mnist_splits
+    from ..evaluate import classification_metrics
+    from ..load.checkpoints import load_checkpoint
+    from ..models.mamba import MambaLMHeadModel
     from .output import staged_output_dir
     from .report import Report
 
@@ -324,7 +324,7 @@ def run_export(checkpoint: str | Path, out: str | Path, method: str = "none", ca
     # Without a method the file only stands in for evaluation data, which a classifier of MNIST's
     # shape has bundled: there it would be read for nothing, most likely a forgotten --method.
     if method == "none" and calib is not None and not is_lm and _mnist_shaped(model):
-        from .quantize import METHODS
+        from ..quant.quantize import METHODS
         raise MQExportError(f"--calib is only used to calibrate a quantization method and this classifier is "
                             f"evaluated on the bundled MNIST split: add --method ({', '.join(METHODS)}) or "
                             f"drop --calib")
@@ -360,8 +360,8 @@ def run_export(checkpoint: str | Path, out: str | Path, method: str = "none", ca
         report.backends["fp32"] = metrics(fp32_logits, labels, None) if metrics else {}
         reference = fp32_logits
         if method != "none":
-            from .quantize import QuantConfig
-            from .stages import quantize_stage
+            from ..quant.quantize import QuantConfig
+            from .pipeline import quantize_stage
             model, reference, _ = quantize_stage(
                 model, calib_inputs, inputs, QuantConfig(method=method, w_bits=w_bits, a_bits=a_bits,
                                                          w_group_size=w_group_size), report,
@@ -375,7 +375,8 @@ def run_export(checkpoint: str | Path, out: str | Path, method: str = "none", ca
         report.seconds.update(seconds)
         report.artifacts["onnx"] = ONNX_NAME
         if decode:
-            from .decode import check_decode, export_decode
+            from ..export.decode import export_decode
+            from ..runtime.decode import check_decode
             t0 = time.perf_counter()
             ex = export_decode(model, staging, opset=opset)
             report.settings["decode"] = {**ex.info, "check": check_decode(model, ex, inputs[:2, :32])}

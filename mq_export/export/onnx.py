@@ -40,10 +40,10 @@ import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 from torch import Tensor, nn
 
-from . import scan as _scan
-from .errors import MQExportError
-from .ops import SCAN_DOMAIN, SCAN_DOMAIN_VERSION, SCAN_OP_TYPE, SelectiveScanSpec
-from .qspec import ActQuant, FakeQuantize, WeightQuant
+from ..ops import selective_scan as _scan
+from ..errors import MQExportError
+from ..ops.spec import SCAN_DOMAIN, SCAN_DOMAIN_VERSION, SCAN_OP_TYPE, SelectiveScanSpec
+from ..quant.qspec import ActQuant, FakeQuantize, WeightQuant
 
 MARK_DOMAIN = "mq_export.mark"   # temporary marker nodes; none survive in the written file
 MIN_OPSET, MAX_OPSET = 18, 21   # torch's exporter writes opset ≥ 18
@@ -625,7 +625,7 @@ def _finish(proto: onnx.ModelProto, spec: SelectiveScanSpec | None, opset: int, 
 
 
 def _version() -> str:
-    from . import __version__
+    from .._version import __version__
     return __version__
 
 
@@ -650,7 +650,7 @@ def export_onnx(model: nn.Module, path: str | Path | None = None, *, opset: int 
     with dynamic batch and length. Other modules: use `export_module` with your own names/axes.
     `external_data`: as for `export_module` (None: the weights go to `<path>.data` above
     `EXTERNAL_DATA_BYTES`)."""
-    from .model import MambaLMHeadModel, MambaSequenceClassifier
+    from ..models.mamba import MambaLMHeadModel, MambaSequenceClassifier
 
     gen = torch.Generator().manual_seed(0)
     batch, length = 2, 37    # example sizes equal to no static dimension, so neither gets specialised

@@ -5,11 +5,11 @@ import time
 
 from torch import Tensor, nn
 
-from .api import calibrate, quantize
-from .calibrate import CalibrationStats
-from .data import Split
-from .evaluate import batched_logits
-from .quantize import QuantConfig
+from ..api import calibrate, quantize
+from ..quant.calibrate import CalibrationStats
+from ..load.data import Split
+from ..evaluate import batched_logits
+from ..quant.quantize import QuantConfig
 from .report import Report
 
 

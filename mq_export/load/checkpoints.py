@@ -15,10 +15,10 @@ from typing import Iterable
 import torch
 from torch import Tensor, nn
 
-from .errors import MQExportError
-from .model import ClassifierConfig, LMConfig, MambaLMHeadModel, MambaSequenceClassifier, MixerConfig
+from ..errors import MQExportError
+from ..models.mamba import ClassifierConfig, LMConfig, MambaLMHeadModel, MambaSequenceClassifier, MixerConfig
 
-ASSETS = Path(__file__).parent / "assets"
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
 BUNDLED_CLASSIFIER = ASSETS / "mnist" / "Mamba_best.pth"
 
 

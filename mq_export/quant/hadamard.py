@@ -16,7 +16,7 @@ import functools
 import torch
 from torch import Tensor
 
-from .errors import MQExportError
+from ..errors import MQExportError
 
 SUPPORTED_ORDERS = "2^k·m with m = 1, q+1 (prime q ≡ 3 mod 4) or 2(q+1) (prime q ≡ 1 mod 4)"
 

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import MQExportError
-from .loaders import ASSETS
+from ..errors import MQExportError
+from .checkpoints import ASSETS
 
 MNIST_DIR = ASSETS / "mnist"
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081

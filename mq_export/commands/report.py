@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from .errors import MQExportError
+from ..errors import MQExportError
 
 
 def json_text(data: dict, what: str) -> str:

@@ -1,6 +1,6 @@
 """ctypes binding of libmq_scan_kernels.so, the CUDA selective scan of plugins/kernels.
 
-Same semantics as `mq_export.scan.selective_scan_reference` (mamba-ssm `selective_scan_fn` layout).
+Same semantics as `mq_export.ops.selective_scan.selective_scan_reference` (mamba-ssm `selective_scan_fn` layout).
 torch is imported only when the kernel is called, so this module imports on CPU-only machines.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 from mq_export.errors import MQExportError
 
 LIBRARY_ENV = "MQ_SCAN_KERNELS_LIB"
-DEFAULT_LIBRARY = Path(__file__).resolve().parents[1] / "build" / "plugins" / "libmq_scan_kernels.so"
+DEFAULT_LIBRARY = Path(__file__).resolve().parents[2] / "build" / "plugins" / "libmq_scan_kernels.so"
 # Must equal MQ_SCAN_ABI_VERSION / MQ_SCAN_MAX_DSTATE / mq_scan_dtype in plugins/kernels/mq_scan.h.
 ABI_VERSION = 1
 MAX_DSTATE = 256
@@ -70,7 +70,7 @@ def selective_scan_cuda(u, delta, A, B, C, D=None, z=None, delta_bias=None, delt
 
     library = load_library()
     if not u.is_cuda:
-        raise MQExportError("selective_scan_cuda needs CUDA tensors; use mq_export.scan on CPU")
+        raise MQExportError("selective_scan_cuda needs CUDA tensors; use mq_export.ops.selective_scan on CPU")
     dtype_code = _DTYPE_CODES.get(str(u.dtype))
     if dtype_code is None:
         raise MQExportError(f"selective_scan_cuda supports float32 and float16 inputs, got {u.dtype}")

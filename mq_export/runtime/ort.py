@@ -28,8 +28,8 @@ import onnx
 import torch
 from torch import Tensor
 
-from .errors import MQExportError
-from .ops import SCAN_DOMAIN, SCAN_OP_TYPE, SelectiveScanSpec
+from ..errors import MQExportError
+from ..ops.spec import SCAN_DOMAIN, SCAN_OP_TYPE, SelectiveScanSpec
 
 _KERNEL_CALLS = {"count": 0}       # how often the registered kernel ran (tests read this)
 _REGISTERED: dict[int, object] = {}
@@ -46,7 +46,7 @@ def scan_spec_of(model: onnx.ModelProto) -> SelectiveScanSpec | None:
 
 
 def _scan_kernel(u, delta, A, B, C, *rest, **attrs):
-    from .scan import selective_scan
+    from ..ops.selective_scan import selective_scan
 
     _KERNEL_CALLS["count"] += 1
     spec = SelectiveScanSpec(**{k: bool(attrs[k]) for k in (

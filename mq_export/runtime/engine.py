@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence
 
 from mq_export.errors import MQExportError
-from mq_export.ops import SCAN_OP_TYPE
+from mq_export.ops.spec import SCAN_OP_TYPE
 
 if TYPE_CHECKING:
     import numpy as np
@@ -98,7 +98,7 @@ def load_onnx(onnx_path: str | Path):
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf's DecodeError and friends: any unreadable file
-        from mq_export.loaders import _error_reason
+        from mq_export.load.checkpoints import _error_reason
         raise MQExportError(f"{path} is not an ONNX model ({_error_reason(exc)})") from None
     # Protobuf parses many short byte strings (an empty file among them) as a message with no graph.
     if not model.graph.node or not model.graph.output:
@@ -205,7 +205,7 @@ def validate_engine(engine_path: str | Path, plugin_path: str | Path, onnx_path:
 
     if not torch.cuda.is_available():
         raise MQExportError("validating an engine needs a CUDA device")
-    from mq_export.ort import session
+    from mq_export.runtime.ort import session
 
     reference_session = session(onnx_path)   # Q/DQ as the graph means them on any CPU (ort.int8_matmul_policy)
     output_names = [output.name for output in reference_session.get_outputs()]

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .scan import selective_scan
+from ..ops.selective_scan import selective_scan
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,10 @@ class MixerConfig:
     @property
     def rank(self) -> int:
         return self.dt_rank if self.dt_rank is not None else math.ceil(self.d_model / 16)
+
+
+# A Mamba-1 layer's whole memory: (conv_state (b, d_inner, d_conv − 1), ssm_state (b, d_inner, d_state)).
+LayerState = tuple[Tensor, Tensor]
 
 
 class ActivationSite(nn.Module):
@@ -173,9 +177,14 @@ class Block(nn.Module):
         self.norm = RMSNorm(d, cfg.norm_epsilon) if cfg.rms_norm else nn.LayerNorm(d, eps=cfg.norm_epsilon)
         self.mixer = MambaMixer(cfg.mixer)
 
-    def forward(self, hidden: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
+    def forward(self, hidden: Tensor, residual: Tensor | None, state: LayerState | None = None):
+        """(hidden, residual) → (hidden, residual), or with the mixer's `state` → (hidden, residual,
+        new state): the same wiring for a whole sequence and for decoding."""
         residual = hidden if residual is None else hidden + residual
-        return self.mixer(self.norm(residual)), residual
+        if state is None:
+            return self.mixer(self.norm(residual)), residual
+        hidden, state = self.mixer(self.norm(residual), state)
+        return hidden, residual, state
 
 
 class MambaBackbone(nn.Module):
@@ -186,11 +195,18 @@ class MambaBackbone(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm_f = RMSNorm(d, cfg.norm_epsilon) if cfg.rms_norm else nn.LayerNorm(d, eps=cfg.norm_epsilon)
 
-    def forward(self, input_ids: Tensor) -> Tensor:
-        hidden, residual = self.embedding(input_ids), None
-        for layer in self.layers:
-            hidden, residual = layer(hidden, residual)
-        return self.norm_f(hidden + residual)
+    def forward(self, input_ids: Tensor, state: list[LayerState] | None = None):
+        """input_ids (b, l) → normalised hidden states; with `state` (one per layer) also the state
+        after the last token."""
+        hidden, residual, new_state = self.embedding(input_ids), None, []
+        for i, layer in enumerate(self.layers):
+            if state is None:
+                hidden, residual = layer(hidden, residual)
+            else:
+                hidden, residual, layer_state = layer(hidden, residual, state[i])
+                new_state.append(layer_state)
+        out = self.norm_f(hidden + residual)
+        return out if state is None else (out, new_state)
 
 
 class MambaLMHeadModel(nn.Module):
@@ -205,5 +221,17 @@ class MambaLMHeadModel(nn.Module):
             self.lm_head.weight = self.backbone.embedding.weight
         self.sites = nn.ModuleDict({"lm_head": ActivationSite()})
 
-    def forward(self, input_ids: Tensor) -> Tensor:
-        return self.lm_head(self.sites["lm_head"](self.backbone(input_ids)))
+    def zero_state(self, batch: int) -> list[LayerState]:
+        """The state before any token: per layer (conv_state (b, d_inner, d_conv − 1), ssm_state
+        (b, d_inner, d_state)), all zeros."""
+        m = self.cfg.mixer
+        return [(torch.zeros(batch, m.d_inner, m.d_conv - 1), torch.zeros(batch, m.d_inner, m.d_state))
+                for _ in range(self.cfg.n_layer)]
+
+    def forward(self, input_ids: Tensor, state: list[LayerState] | None = None):
+        """input_ids (b, l) → logits (b, l, vocab); with `state` (`zero_state` for a new sequence)
+        the sequence continues from it and (logits, state after the last token) is returned."""
+        if state is None:
+            return self.lm_head(self.sites["lm_head"](self.backbone(input_ids)))
+        hidden, state = self.backbone(input_ids, state)
+        return self.lm_head(self.sites["lm_head"](hidden)), state

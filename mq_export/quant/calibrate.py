@@ -20,10 +20,10 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from .data import Split
-from .errors import MQExportError
-from .evaluate import progress_enabled
-from .model import ActivationSite, MambaLMHeadModel, MambaSequenceClassifier
+from ..load.data import Split
+from ..errors import MQExportError
+from ..evaluate import progress_enabled
+from ..models.mamba import ActivationSite, MambaLMHeadModel, MambaSequenceClassifier
 from .qspec import ActQuant
 
 CALIBRATORS = ("absmax", "percentile", "mse", "entropy")

@@ -8,9 +8,9 @@ from torch import Tensor, nn
 
 from .charlm import CHARLM_DIR, CharTokenizer, charlm_splits, lm_metrics
 from .data import Split, mnist_splits
-from .errors import MQExportError
-from .evaluate import classification_metrics
-from .loaders import BUNDLED_CLASSIFIER, load_classifier, load_lm
+from ..errors import MQExportError
+from ..evaluate import classification_metrics
+from .checkpoints import BUNDLED_CLASSIFIER, load_classifier, load_lm
 
 
 @dataclass(frozen=True)

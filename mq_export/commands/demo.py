@@ -5,12 +5,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .api import validate
-from .bundled import bundled
+from ..api import validate
+from ..load.bundled import bundled
 from .output import staged_output_dir
-from .quantize import QuantConfig
+from ..quant.quantize import QuantConfig
 from .report import Report
-from .stages import quantize_stage
+from .pipeline import quantize_stage
 
 METHODS = ("none", "rtn", "smoothquant", "hadamard", "mambaquant")
 
@@ -61,12 +61,12 @@ def run_demo(cfg: DemoConfig) -> Report:
                 model, calib, evaluation.inputs, qcfg, report, labels=evaluation.labels, metrics=spec.metrics,
                 fp32_logits=fp32_logits, exclude=(evaluation,), batch_size=spec.batch_size, quiet=cfg.quiet)
             if cfg.plot:
-                from .plots import plot_activation_ranges
+                from ..quant.plots import plot_activation_ranges
                 plot_activation_ranges(stats, model, staging / "activation_ranges.png", cfg.method)
                 report.artifacts["plot"] = "activation_ranges.png"
 
         # ONNX export of the model as it stands (fake-quant sites/weights → Q/DQ) + ONNX Runtime.
-        from .validate_onnx import ONNX_NAME, onnx_stage
+        from .validate import ONNX_NAME, onnx_stage
         ort_metrics, onnx_info, onnx_seconds = onnx_stage(
             model, evaluation.inputs, staging, fq_logits if quantized else fp32_logits,
             labels=evaluation.labels, metrics=spec.metrics,

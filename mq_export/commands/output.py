@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .errors import MQExportError
+from ..errors import MQExportError
 
-_PACKAGE = Path(__file__).resolve().parent   # holds the bundled models and data the demo reads
+_PACKAGE = Path(__file__).resolve().parents[1]   # holds the bundled models and data the demo reads
 
 
 @dataclass(frozen=True)

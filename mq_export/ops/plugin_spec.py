@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from mq_export.ops import SCAN_OP_TYPE, SelectiveScanSpec
+from mq_export.ops.spec import SCAN_OP_TYPE, SelectiveScanSpec
 
 
 def node_description(op_type: str, attributes: dict[str, int | str]) -> str:

@@ -28,9 +28,9 @@ import torch
 from torch import Tensor, nn
 
 from .calibrate import CalibrationStats, SiteStats
-from .errors import MQExportError
+from ..errors import MQExportError
 from .hadamard import SUPPORTED_ORDERS, has_hadamard_matrix, random_hadamard
-from .model import MambaLMHeadModel, MambaMixer, MambaSequenceClassifier, RMSNorm
+from ..models.mamba import MambaLMHeadModel, MambaMixer, MambaSequenceClassifier, RMSNorm
 
 ROTATIONS = ("hadamard", "klt")
 

@@ -17,9 +17,9 @@ import torch
 from torch import Tensor
 
 from .data import Split
-from .errors import MQExportError
-from .evaluate import kl_to_reference
-from .loaders import ASSETS
+from ..errors import MQExportError
+from ..evaluate import kl_to_reference
+from .checkpoints import ASSETS
 
 CHARLM_DIR = ASSETS / "shakespeare-charlm"
 SPLIT_FRACTIONS = (0.90, 0.05, 0.05)          # train, validation, test, by position

@@ -19,8 +19,8 @@ from torch import Tensor, nn
 
 from .calibrate import (CALIBRATORS, CalibrationStats, SiteStats, activation_range, activation_sites,
                         collect_site_stats)
-from .errors import MQExportError
-from .evaluate import batched_logits, kl_to_reference
+from ..errors import MQExportError
+from ..evaluate import batched_logits, kl_to_reference
 from .qspec import FakeQuantize, WeightQuant, int_range
 from .transforms import TransformConfig, apply_transforms, method_transforms
 
