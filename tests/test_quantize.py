@@ -96,3 +96,16 @@ def test_quantize_language_model():
     assert any("out_proj_input_rotation" in item for item in settings["online"])
     with torch.no_grad():
         assert torch.isfinite(qmodel(split.inputs)).all()
+
+
+@pytest.mark.parametrize("method", ["rtn", "smoothquant", "hadamard", "mambaquant"])
+@pytest.mark.parametrize("w_bits", [8, 4])
+def test_calibration_keeps_what_each_method_needs(method, w_bits):
+    """The CLI calibrates with covariance=config.needs_covariance; every method must then run
+    (hadamard/smoothquant W8 once failed on a missing covariance)."""
+    model, split = small_classifier(), classifier_split()
+    config = QuantConfig(method=method, w_bits=w_bits)
+    stats = calibrate(model, split, selection_samples=4, covariance=config.needs_covariance)
+    assert all((s.sum_outer is None) != config.needs_covariance for s in stats.sites.values())
+    qmodel, _ = quantize(model, stats, config)
+    assert qmodel is not model

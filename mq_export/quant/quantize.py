@@ -57,8 +57,11 @@ class QuantConfig:
 
     @property
     def needs_covariance(self) -> bool:
-        """Whether calibration must keep the sites' d×d second moments (GPTQ Hessians, KLT)."""
-        return self.use_gptq or self.transforms().rotation == "klt"
+        """Whether calibration must keep the sites' d×d second moments: GPTQ's Hessians, and every
+        transform (the KLT rotates by the covariance; the transforms also scale it at each site
+        they touch). Only RTN without GPTQ does without them."""
+        t = self.transforms()
+        return self.use_gptq or bool(t.rotation or t.smooth_inputs or t.smooth_gate or t.smooth_state)
 
 
 @dataclass
