@@ -18,7 +18,7 @@ from .quant.calibrate import calibrate as _calibrate
 from .load.data import Split
 from .evaluate import Forward, batched_logits
 from .load.checkpoints import load_checkpoint
-from .quant.quantize import QuantConfig
+from .quant.methods import METHODS, QuantConfig  # noqa: F401  (METHODS: the method registry, for API users)
 from .quant.quantize import quantize as _quantize
 
 
@@ -44,10 +44,13 @@ def calibrate(model: nn.Module, calib: Split | Tensor, exclude: tuple[Split, ...
 
 def quantize(model: nn.Module, stats: CalibrationStats, config: QuantConfig | None = None, quiet: bool = False,
              **overrides) -> tuple[nn.Module, dict]:
-    """A quantized deep copy of `model` (the input is never mutated) and the method's settings.
-    `config` defaults to QuantConfig(); keyword overrides (method=, w_bits=, …) replace its fields."""
+    """A quantized deep copy of `model` (the input is never mutated) and the method's settings
+    (report.json's `settings` block). `config` defaults to QuantConfig(); keyword overrides
+    (method=, w_bits=, …) replace its fields. The config is checked before any work starts;
+    `METHODS` lists the methods."""
     config = dataclasses.replace(config or QuantConfig(), **overrides)
-    return _quantize(model, stats, config, quiet)
+    qmodel, settings = _quantize(model, stats, config, quiet)
+    return qmodel, settings.to_dict()
 
 
 def export_onnx(model: nn.Module, path: str | Path, opset: int | None = None) -> dict:

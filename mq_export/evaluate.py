@@ -28,9 +28,8 @@ def batched_logits(forward: Forward, inputs: Tensor, batch_size: int = 64, desc:
     that many batches at once from threads, for a single-threaded forward that releases the GIL
     (an ONNX Runtime session with one intra-op thread)."""
     def run(start: int) -> Tensor:
-        # Per thread: the scan's decays drive states into subnormals, which are slow on x86 and
-        # change nothing here; inference mode is thread-local too.
-        torch.set_flush_denormal(True)
+        # Per thread: inference mode is thread-local. (The scan's subnormal states are flushed inside
+        # the CPU kernel's own call; the caller's floating-point mode is left alone.)
         with torch.inference_mode():
             return forward(inputs[start:start + batch_size]).float()
 

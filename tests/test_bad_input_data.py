@@ -15,7 +15,8 @@ from mq_export.load.data import Split, mnist_splits
 from mq_export.errors import MQExportError
 from mq_export.load.checkpoints import load_checkpoint, load_classifier, load_lm, save_mamba_ssm
 from mq_export.models.mamba import ClassifierConfig, MambaSequenceClassifier, MixerConfig
-from mq_export.quant.transforms import apply_transforms, method_transforms
+from mq_export.quant.methods import QuantConfig
+from mq_export.quant.transforms import apply_transforms
 from tests.test_loaders import small_lm
 from tests.test_transforms import classifier_split, lm_split, small_classifier
 
@@ -251,8 +252,8 @@ def test_dt_rank_without_hadamard_matrix_is_named():
     stats = calibrate(model, classifier_split(), selection_samples=2, quiet=True)
     for method in ("hadamard", "mambaquant"):
         with raises("dt_rank 3 has no Hadamard matrix here"):
-            apply_transforms(model, stats, method_transforms(method))
-    apply_transforms(model, stats, method_transforms("smoothquant"))   # the suggested way out works
+            apply_transforms(model, stats, QuantConfig(method=method).transforms())
+    apply_transforms(model, stats, QuantConfig(method="smoothquant").transforms())   # the suggested way out works
 
 
 # ------------------------------------------------------------------ through the CLI

@@ -81,3 +81,22 @@ def test_calibration_refuses_bad_data():
         calibrate(model, split, exclude=(by_name,))
     disjoint = Split("synthetic-1[8:16]", classifier_split(seed=9).inputs, split.labels)
     calibrate(model, split, exclude=(disjoint,), selection_samples=2)
+
+
+def _flushes_subnormals() -> bool:
+    """Whether this thread's floating-point mode flushes subnormals (torch has no getter for it)."""
+    return float(torch.tensor([1e-40]) * 1.0) == 0.0
+
+
+@pytest.mark.parametrize("flush", [False, True])
+def test_calibrate_and_evaluate_leave_the_callers_float_mode_alone(flush):
+    from mq_export.evaluate import batched_logits
+    model, split = small_classifier().eval(), classifier_split()
+    torch.set_flush_denormal(flush)
+    try:
+        assert _flushes_subnormals() == flush
+        calibrate(model, split, quiet=True)
+        batched_logits(model, split.inputs, batch_size=4, quiet=True)
+        assert _flushes_subnormals() == flush
+    finally:
+        torch.set_flush_denormal(False)

@@ -78,3 +78,61 @@ def test_console_script_is_the_cli_main():
 
     (script,) = entry_points(group="console_scripts", name="mq-export")
     assert script.load() is main
+
+
+REPORT_KEYS = {"model", "method", "w_bits", "a_bits", "calibration", "eval", "fp32", "fake_quant", "onnxruntime",
+               "settings", "artifacts", "seconds"}
+
+
+def _quantized_run(out, capsys) -> dict:
+    """report.json of a finished quantized run in `out`, checked against what --json printed and
+    against the file it names: ONNX with Q/DQ nodes."""
+    import onnx
+
+    report = json.loads((out / "report.json").read_text())
+    assert json.loads(capsys.readouterr().out) == report
+    assert REPORT_KEYS <= set(report)
+    assert sorted(p.name for p in out.iterdir()) == sorted(report["artifacts"].values())
+    ops = [n.op_type for n in onnx.load(out / report["artifacts"]["onnx"], load_external_data=False).graph.node]
+    assert ops.count("QuantizeLinear") > 0 and ops.count("DequantizeLinear") > ops.count("QuantizeLinear")
+    return report
+
+
+def _assert_onnxruntime_equals_fake_quant(report: dict, task_metrics: dict[str, float]) -> None:
+    """ONNX Runtime runs the graph the fake-quant model means: the same task metrics (each within
+    its relative tolerance) and logits within Q/DQ rounding of PyTorch's fake-quant logits."""
+    ort, fake = report["onnxruntime"], report["fake_quant"]
+    for metric, rel in task_metrics.items():
+        assert ort[metric] == pytest.approx(fake[metric], rel=rel, abs=1e-12), metric
+    assert abs(ort["agreement_with_fp32"] - fake["agreement_with_fp32"]) <= 0.01
+    assert ort["max_rel_error_vs_pytorch"] < 0.02 and ort["argmax_agreement_vs_pytorch"] >= 0.99
+
+
+def test_demo_mambaquant_end_to_end(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["demo", "--model", "shakespeare-charlm", "--method", "mambaquant", "--limit", "2", "-o", str(out),
+                 "--json"]) == 0
+    report = _quantized_run(out, capsys)
+    assert (report["model"], report["method"], report["w_bits"], report["a_bits"]) == ("shakespeare-charlm",
+                                                                                      "mambaquant", 8, 8)
+    assert report["settings"]["rotation"] == "klt" and report["eval"]["samples"] == 2
+    _assert_onnxruntime_equals_fake_quant(report, {"perplexity": 1e-3, "kl_to_fp32": 0.05})
+    assert report["fake_quant"]["perplexity"] == pytest.approx(report["fp32"]["perplexity"], rel=0.01)
+
+
+def test_export_rtn_with_calibration_file_end_to_end(tmp_path, capsys):
+    import torch
+
+    from mq_export.load.checkpoints import BUNDLED_CLASSIFIER
+    from mq_export.load.data import mnist_test
+
+    calib = tmp_path / "calib.pt"
+    torch.save(mnist_test()[0][-64:].clone(), calib)      # the last test images: not the evaluated first 16
+    out = tmp_path / "exp"
+    assert main(["export", str(BUNDLED_CLASSIFIER), "--method", "rtn", "--calib", str(calib), "--limit", "16",
+                 "-o", str(out), "--json"]) == 0
+    report = _quantized_run(out, capsys)
+    assert (report["method"], report["w_bits"], report["a_bits"]) == ("rtn", 8, 8)
+    assert report["calibration"] == {"samples": 64, "split": str(calib)}
+    assert report["eval"]["samples"] == 16
+    _assert_onnxruntime_equals_fake_quant(report, {"accuracy": 0.0, "kl_to_fp32": 0.05})

@@ -101,7 +101,7 @@ def test_check_decode_reports_agreement(exported) -> None:
 
 def test_export_decode_refuses_a_classifier(tmp_path) -> None:
     from mq_export.load.checkpoints import BUNDLED_CLASSIFIER
-    from mq_export.commands.validate import run_export
+    from mq_export.commands.export import run_export
     with pytest.raises(MQExportError, match="--decode"):
         run_export(BUNDLED_CLASSIFIER, tmp_path / "out", decode=True)
     assert not (tmp_path / "out").exists()

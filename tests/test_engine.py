@@ -11,7 +11,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from mq_export.runtime.engine import DimRange, build_engine, equivalent_commands, parse_profile, validate_engine
+from mq_export.runtime.engine import DimRange, EngineForward, build_engine, equivalent_commands, parse_profile
 from mq_export.errors import MQExportError
 from mq_export.ops.spec import SCAN_DOMAIN, SCAN_DOMAIN_VERSION, SCAN_OP_TYPE, SelectiveScanSpec
 
@@ -61,10 +61,9 @@ def test_build_engine_without_tensorrt(no_tensorrt, fp32_model, tmp_path):
     assert_one_line_tensorrt_missing(error)
 
 
-def test_validate_engine_without_tensorrt(no_tensorrt, fp32_model, tmp_path):
+def test_engine_forward_without_tensorrt(no_tensorrt, tmp_path):
     with pytest.raises(MQExportError) as error:
-        validate_engine(tmp_path / "m.engine", tmp_path / "p.so", fp32_model,
-                        {"x": np.zeros((1, 4, 3), np.float32)})
+        EngineForward(tmp_path / "m.engine", tmp_path / "p.so")
     assert_one_line_tensorrt_missing(error)
 
 

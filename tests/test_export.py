@@ -2,6 +2,7 @@
 numerics against PyTorch in ONNX Runtime and onnx's reference evaluator, and bad input."""
 import hashlib
 import logging
+import threading
 
 import numpy as np
 import onnx
@@ -11,12 +12,12 @@ from onnx.reference import ReferenceEvaluator
 
 from mq_export.runtime import ort as mq_ort
 from mq_export.errors import MQExportError
-from mq_export.export.onnx import export_module, export_onnx, scan_function
+from mq_export.export.onnx import _Trace, _translated, export_module, export_onnx, scan_function
 from mq_export.load.checkpoints import load_classifier
 from mq_export.models.mamba import ClassifierConfig, LMConfig, MambaLMHeadModel, MambaSequenceClassifier, MixerConfig
 from mq_export.ops.spec import SCAN_DOMAIN, SCAN_OP_TYPE, SCAN_PLUGIN_NAMESPACE, SCAN_PLUGIN_VERSION, SelectiveScanSpec
 from mq_export.quant.qspec import ActQuant, FakeQuantize, WeightQuant
-from mq_export.ops.selective_scan import selective_scan_reference
+from mq_export.ops.selective_scan import SelectiveScanOp, selective_scan, selective_scan_reference
 from tests.conftest import random_scan_inputs
 
 logging.getLogger("torch.onnx").setLevel(logging.ERROR)
@@ -333,11 +334,11 @@ class _StatefulScan(torch.nn.Module):
         super().__init__()
         self.A = torch.nn.Parameter(-torch.rand(6, 4) * 2)
         self.D = torch.nn.Parameter(torch.randn(6))
+        self.scan = SelectiveScanOp()
 
     def forward(self, u, delta, B, C, state):
-        from mq_export.ops import selective_scan as scan
-        return scan.selective_scan(u, delta, self.A, B, C, self.D, delta_softplus=True, initial_state=state,
-                                   return_last_state=True)
+        return self.scan(u, delta, self.A, B, C, self.D, delta_softplus=True, initial_state=state,
+                         return_last_state=True)
 
 
 def test_export_module_with_state_inputs_and_outputs():
@@ -358,3 +359,93 @@ def test_export_module_with_state_inputs_and_outputs():
         y, h = sess.run(None, {n: a.numpy() for n, a in zip(names, args)})
         np.testing.assert_allclose(y, ref_y.numpy(), rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(h, ref_h.numpy(), rtol=1e-4, atol=1e-5)
+
+
+class _DirectScan(torch.nn.Module):
+    """Calls the scan function itself instead of a SelectiveScanOp: the exporter cannot translate it."""
+
+    def __init__(self):
+        super().__init__()
+        self.A = torch.nn.Parameter(-torch.rand(6, 4))
+
+    def forward(self, u, delta, B, C):
+        return selective_scan(u, delta, self.A, B, C)
+
+
+def test_scan_outside_a_selective_scan_op_is_refused_in_one_line():
+    t = random_scan_inputs(length=5)
+    with pytest.raises(MQExportError, match="through a SelectiveScanOp submodule"):
+        export_module(_DirectScan().eval(), (t["u"], t["delta"], t["B"], t["C"]), input_names=["u", "delta", "B", "C"],
+                      output_names=["y"])
+
+
+def _small_lm():
+    torch.manual_seed(4)
+    return MambaLMHeadModel(LMConfig(mixer=MixerConfig(d_model=16), n_layer=1, vocab_size=11)).eval()
+
+
+def _instance_forwards(*models) -> list[str]:
+    """Modules that carry a `forward` of their own (an export's translation left behind)."""
+    return [type(m).__name__ for model in models for m in model.modules() if "forward" in m.__dict__]
+
+
+def test_export_nested_in_a_translation_of_the_same_model_restores_it():
+    """An export inside another translation of the same model: it writes only its own trace, gives
+    the same bytes, hands the outer translation back, and afterwards nothing of either is left."""
+    model = tiny_classifier()
+    expected = export_onnx(model)[0].SerializeToString()
+    outer = _Trace()
+    with _translated(model, outer):
+        outer_forwards = {id(m): m.forward for m in model.modules() if "forward" in m.__dict__}
+        assert len(outer_forwards) == 6 + 1    # input_proj, 4 mixer Linears (dt_proj too), classifier; the scan
+        assert export_onnx(model)[0].SerializeToString() == expected
+        assert {id(m): m.forward for m in model.modules() if "forward" in m.__dict__} == outer_forwards
+    assert outer.specs == [] and not _instance_forwards(model)
+    x = torch.randn(2, 9, 1)
+    with torch.no_grad():
+        assert torch.equal(model(x), tiny_classifier()(x))     # the model computes as before
+
+
+def test_exports_from_two_threads_do_not_interfere():
+    """Two models and the same model exported from three threads at once give the bytes of exports
+    one after another, and leave no translated module behind."""
+    models = {"classifier": tiny_classifier(), "lm": _small_lm()}
+    expected = {name: export_onnx(m)[0].SerializeToString() for name, m in models.items()}
+    got, errors = {}, []
+
+    def run(job: str, name: str) -> None:
+        try:
+            got[job] = export_onnx(models[name])[0].SerializeToString()
+        except Exception as exc:   # noqa: BLE001 - reported by the assertion below
+            errors.append(f"{job}: {exc!r}")
+
+    jobs = {"classifier": "classifier", "lm": "lm", "classifier again": "classifier"}
+    threads = [threading.Thread(target=run, args=item) for item in jobs.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert {job: got[job] == expected[name] for job, name in jobs.items()} == dict.fromkeys(jobs, True)
+    assert not _instance_forwards(*models.values())
+
+
+class _DoubledLinear(torch.nn.Linear):
+    """A Linear subclass with a forward of its own, which the exporter must not replace."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def test_linear_subclass_keeps_its_forward_and_refuses_weight_quant():
+    module = torch.nn.Sequential(_DoubledLinear(4, 3)).eval()
+    x = torch.randn(2, 4)
+    proto, info = export_module(module, (x,), input_names=["x"], output_names=["y"])
+    (y,) = mq_ort.session(proto).run(None, {"x": x.numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(y, module(x).numpy(), rtol=1e-6, atol=1e-6)
+    assert info.quantized_weights == {}
+    module[0].weight_quant = WeightQuant(scale=torch.full((3, 1), 0.01), bits=8)
+    with pytest.raises(MQExportError, match=r"^0 \(_DoubledLinear\) has its own forward"):
+        export_module(module, (x,), input_names=["x"], output_names=["y"])
+    assert not _instance_forwards(module)

@@ -109,3 +109,20 @@ def test_unsupported_lm_configs(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(MQExportError, match="not valid JSON"):
         load_lm(tmp_path)
+
+
+def test_model_types_dispatch_through_the_family_registry(tmp_path):
+    from mq_export.models.registry import HF_MODEL_TYPES, family_of
+    assert set(HF_MODEL_TYPES) == {"mamba", "falcon_mamba"}
+    save_mamba_ssm(small_lm(), tmp_path)
+    assert family_of(load_lm(tmp_path)).name == "mamba-lm"
+    with pytest.raises(MQExportError, match="Linear is not a model family"):
+        family_of(torch.nn.Linear(2, 2))
+
+
+def test_falcon_mamba_config_errors_name_the_key(tmp_path):
+    config = {"model_type": "falcon_mamba", "hidden_size": 8, "num_hidden_layers": 1, "vocab_size": 10,
+              "mixer_rms_eps": -1}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(MQExportError, match="mixer_rms_eps is -1; expected a positive number"):
+        load_lm(tmp_path)

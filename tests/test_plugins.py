@@ -1,4 +1,5 @@
-"""plugins/: the chunked scan algorithm, the CUDA kernel library, the TensorRT plugin harness.
+"""plugins/: a CPU model of the CUDA kernel's chunked scan algorithm, the CUDA kernel library,
+the TensorRT plugin harness.
 
 Without nvcc/cmake the build tests skip; without TensorRT headers (env MQ_TRT_INCLUDE: a directory
 holding NvInferRuntime.h) the harness tests skip; without a CUDA device the kernel comparisons skip.
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -27,17 +29,29 @@ REPO = Path(__file__).resolve().parents[1]
 TRT_INCLUDE = os.environ.get("MQ_TRT_INCLUDE")
 CUDA = torch.cuda.is_available()
 
-# Work split of plugins/kernels/selective_scan.cu.
-LANES = 32
-ITEMS_PER_LANE = 8
+CUDA_KERNEL_SOURCE = REPO / "plugins" / "kernels" / "selective_scan.cu"
+
+
+def kernel_constant(name: str) -> int:
+    """A `constexpr int` of the CUDA kernel source, so the CPU model below uses the kernel's work split."""
+    match = re.search(rf"constexpr int {name} = (\d+);", CUDA_KERNEL_SOURCE.read_text())
+    assert match, f"{name} is not a constexpr int of {CUDA_KERNEL_SOURCE.name}"
+    return int(match.group(1))
+
+
+LANES = kernel_constant("kWarpSize")
+ITEMS_PER_LANE = kernel_constant("kItemsPerLane")
 CHUNK = LANES * ITEMS_PER_LANE
 
 
-def chunked_warp_scan_model(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+def cuda_chunked_scan_model(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                             initial_state=None):
-    """The CUDA kernel's algorithm step by step on CPU: chunks of LANES x ITEMS_PER_LANE steps,
+    """A CPU model (PyTorch, float64) of the chunked algorithm in plugins/kernels/selective_scan.cu,
+    with the kernel's work split read from that source: chunks of LANES x ITEMS_PER_LANE steps,
     per-lane composition of affine maps, the warp's Hillis-Steele shuffle scan, the exclusive
-    prefix applied to the carried state, and delta = 0 padding past the end."""
+    prefix applied to the carried state, and delta = 0 padding past the end. It shows the
+    algorithm computes the scan; it does not run the kernel: only `test_cuda_kernel_matches_reference`
+    (CUDA device and nvcc) compiles and drives the real kernel."""
     if delta_bias is not None:
         delta = delta + delta_bias[:, None]
     if delta_softplus:
@@ -106,10 +120,10 @@ SPECS = [SelectiveScanSpec(),
 
 
 @pytest.mark.parametrize("spec", SPECS)
-@pytest.mark.parametrize("length", [1, 255, 256, 700])
-def test_chunked_warp_scan_model_matches_reference(spec, length):
+@pytest.mark.parametrize("length", [1, CHUNK - 1, CHUNK, 2 * CHUNK + 188])
+def test_cuda_chunked_scan_model_matches_reference(spec, length):
     inputs = scan_inputs(2, 3, length, 5, spec)
-    y, state = chunked_warp_scan_model(**inputs)
+    y, state = cuda_chunked_scan_model(**inputs)
     y_ref, state_ref = selective_scan_reference(**inputs, return_last_state=True)
     torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(state, state_ref, rtol=1e-10, atol=1e-10)

@@ -2,19 +2,22 @@
 import pytest
 import torch
 
-from mq_export.quant.calibrate import calibrate
+from mq_export.quant.calibrate import activation_sites, calibrate
 from mq_export.load.data import Split
 from mq_export.errors import MQExportError
 from mq_export.quant.hadamard import hadamard_matrix, random_hadamard
 from mq_export.models.mamba import (ClassifierConfig, LMConfig, MambaLMHeadModel, MambaSequenceClassifier, MixerConfig,
                              RMSNorm)
-from mq_export.quant.transforms import apply_transforms, klt_rotation, method_transforms
+from mq_export.quant.methods import QuantConfig
+from mq_export.quant.transforms import apply_transforms, klt_rotation
+from mq_export.models.registry import family_of
+from mq_export.models.topology import GatedStream, LinearStream, StateStream
 
 CONFIGS = {
-    "smoothquant": method_transforms("smoothquant"),
-    "hadamard": method_transforms("hadamard"),
-    "mambaquant": method_transforms("mambaquant"),
-    "mambaquant-noklt": method_transforms("mambaquant", klt=False),
+    "smoothquant": QuantConfig(method="smoothquant").transforms(),
+    "hadamard": QuantConfig(method="hadamard").transforms(),
+    "mambaquant": QuantConfig(method="mambaquant").transforms(),
+    "mambaquant-noklt": QuantConfig(method="mambaquant", klt=False).transforms(),
 }
 
 
@@ -96,7 +99,7 @@ def test_layernorm_lm_smoothing_is_fp_equivalent_and_rotation_refused():
 def test_same_seed_gives_identical_weights_and_other_seeds_differ():
     model, split = small_classifier(), classifier_split()
     stats = calibrate(model, split, selection_samples=4)
-    runs = [apply_transforms(model, stats, method_transforms("mambaquant", seed=s))[0].state_dict() for s in (5, 5, 6)]
+    runs = [apply_transforms(model, stats, QuantConfig(method="mambaquant", seed=s).transforms())[0].state_dict() for s in (5, 5, 6)]
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
     assert not torch.equal(runs[0]["layers.0.in_proj.weight"], runs[2]["layers.0.in_proj.weight"])
 
@@ -121,3 +124,25 @@ def test_rotations_are_orthogonal_and_seeded():
     assert torch.allclose(r1 @ r1.T, torch.eye(12, dtype=torch.float64), atol=1e-12)
     h = random_hadamard(12, torch.Generator().manual_seed(0))
     assert torch.allclose(h @ h.T, torch.eye(12, dtype=torch.float64), atol=1e-12)
+
+
+
+def _referenced(stream) -> tuple[list[str], list[str]]:
+    """(module names, activation-site names) a topology stream refers to."""
+    if isinstance(stream, LinearStream):
+        return [w for w, _ in stream.writers] + [stream.reader], [stream.site]
+    if isinstance(stream, StateStream):
+        return [stream.x_proj], [stream.b_site, stream.c_site]
+    if isinstance(stream, GatedStream):
+        return [stream.mixer], [f"{stream.mixer}.sites.out_proj"]
+    modules = [*stream.writers, *stream.embeddings, *(r.norm for r in stream.readers), *(r.reader for r in stream.readers)]
+    return modules, [r.site for r in stream.readers]
+
+
+@pytest.mark.parametrize("model", [small_classifier(), small_lm()], ids=["classifier", "lm"])
+def test_topology_names_existing_modules_and_sites(model):
+    """Each family's topology refers to modules and activation sites the model has."""
+    modules, sites = dict(model.named_modules()), set(activation_sites(model))
+    for stream in family_of(model).topology(model):
+        names, site_names = _referenced(stream)
+        assert set(names) <= set(modules) and set(site_names) <= sites, stream

@@ -20,16 +20,12 @@ import torch
 from mq_export.api import calibrate, validate
 from mq_export.load.bundled import bundled
 from mq_export.quant.plots import last_out_proj_site, plot_channel_ranges
-from mq_export.quant.quantize import QuantConfig, prepare, quantize_prepared
+from mq_export.quant.methods import METHODS, QUANTIZING_METHODS, QuantConfig
+from mq_export.quant.quantize import prepare, quantize_prepared
 
-# key: (label, method, klt, randomised)
-ROWS = {
-    "rtn": ("RTN", "rtn", True, False),
-    "smoothquant": ("SmoothQuant", "smoothquant", True, False),
-    "hadamard": ("Hadamard (QuaRot-style)", "hadamard", True, True),
-    "mambaquant-noklt": ("MambaQuant w/o KLT (Hadamard + smoothing)", "mambaquant", False, True),
-    "mambaquant": ("MambaQuant (KLT + smoothing)", "mambaquant", True, True),
-}
+# key: (label, method, klt): every quantizing method of the registry, plus MambaQuant's KLT ablation.
+ROWS = {name: (METHODS[name].label, name, True) for name in QUANTIZING_METHODS}
+ROWS["mambaquant-noklt"] = ("MambaQuant w/o KLT (Hadamard + smoothing)", "mambaquant", False)
 
 
 def _span(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
@@ -71,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     # Seed-major, so an interrupted run still has every method at the first seed; the table is
     # rewritten after every configuration.
     for seed in args.seeds:
-        for label, method, klt, randomised in (ROWS[key] for key in args.methods):
-            if not randomised and seed != args.seeds[0]:
+        for label, method, klt in (ROWS[key] for key in args.methods):
+            if not METHODS[method].randomised and seed != args.seeds[0]:
                 continue
             prepared = prepare(model, stats, QuantConfig(method=method, seed=seed, klt=klt,
                                                          range_samples=args.range_samples), quiet=args.quiet)
@@ -89,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                 results.setdefault((label, w_bits), []).append((metrics, settings))
                 print(f"{label:45s} W{w_bits}A8 seed {seed}: acc {metrics['accuracy']:.4f} "
                       f"kl {metrics['kl_to_fp32']:.5f} agree {metrics['agreement_with_fp32']:.4f} "
-                      f"calibrator {settings['calibrator']}  [{time.perf_counter() - t_start:.0f} s]",
+                      f"calibrator {settings.calibrator}  [{time.perf_counter() - t_start:.0f} s]",
                       file=sys.stderr, flush=True)
                 _write_table(out, spec, evaluation, stats, fp32, results, args, time.perf_counter() - t_start)
     print(out.with_suffix(".md").read_text())
@@ -112,7 +108,7 @@ def _write_table(out, spec, evaluation, stats, fp32, results, args, seconds) -> 
             f"| {label} | W{w_bits}A8 | {_span(acc, 100)} | {100 * (statistics.fmean(acc) - fp32['accuracy']):+.2f} "
             f"| {_span([m['kl_to_fp32'] for m, _ in runs], 1, 5)} "
             f"| {_span([m['agreement_with_fp32'] for m, _ in runs], 100)} "
-            f"| {', '.join(sorted({s['calibrator'] for _, s in runs}))} |")
+            f"| {', '.join(sorted({s.calibrator for _, s in runs}))} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 

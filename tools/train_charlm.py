@@ -13,22 +13,21 @@ limit has still annealed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import time
 from pathlib import Path
-from unittest import mock
 
 import torch
 from torch import Tensor, nn
 
-from mq_export.models import mamba as model_module
 from mq_export.load.charlm import (CharTokenizer, WINDOW, calibration_text, lm_metrics, ngram_baselines,
                               split_text, windows)
 from mq_export.evaluate import batched_logits
 from mq_export.load.checkpoints import save_mamba_ssm
 from mq_export.models.mamba import LMConfig, MambaLMHeadModel, MixerConfig
-from mq_export.ops.selective_scan import _discretize_delta, _finish
+from mq_export.ops.selective_scan import SelectiveScanOp, _discretize_delta, _finish
 
 
 def differentiable_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
@@ -49,6 +48,20 @@ def differentiable_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tenso
     y = (torch.stack(states, 1) @ C.transpose(1, 2)[..., None]).squeeze(-1)        # (b, l, d)
     y = _finish(y.transpose(1, 2), u, D, z)
     return (y, h) if return_last_state else y
+
+
+@contextlib.contextmanager
+def differentiable_scans(model: nn.Module):
+    """While open, `model`'s own scan modules run `differentiable_scan` (an instance attribute on
+    each, removed after; the checkpoint holds weights only)."""
+    scans = [m for m in model.modules() if isinstance(m, SelectiveScanOp)]
+    for scan in scans:
+        scan.forward = differentiable_scan
+    try:
+        yield
+    finally:
+        for scan in scans:
+            del scan.forward
 
 
 def init_like_mamba_ssm(model: MambaLMHeadModel, dt_min: float = 1e-3, dt_max: float = 0.1) -> None:
@@ -118,7 +131,7 @@ def main() -> None:
     history = []
     start = time.perf_counter()
     step = 0
-    with mock.patch.object(model_module, "selective_scan", differentiable_scan):
+    with differentiable_scans(model):
         while step < args.steps:
             elapsed = time.perf_counter() - start
             progress = max(step / args.steps, elapsed / args.time_limit)

@@ -7,10 +7,13 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from .. import checks
 from ..errors import MQExportError
+
+if TYPE_CHECKING:
+    from ..quant.methods import QuantConfig
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -42,13 +45,47 @@ POSITIVE_INT = _option(int, checks.positive_int)
 SEED = _option(int, checks.seed)
 
 
+def add_quantization_options(parser: argparse.ArgumentParser, seed_option: str = "--seed",
+                             description: str | None = None) -> None:
+    """The options of every command that quantizes (demo, export, generate), as one argument group;
+    `quant_config` turns them into the validated QuantConfig. `seed_option`: generate's --seed
+    seeds sampling, so there the rotation seed is --quant-seed."""
+    from ..quant.methods import A_BITS, CALIBRATOR_CHOICES, METHODS, W_BITS
+
+    group = parser.add_argument_group("quantization", description)
+    group.add_argument("--method", default="none", choices=tuple(METHODS),
+                       help="; ".join(f"{name}: {method.label}" for name, method in METHODS.items()))
+    group.add_argument("--w-bits", type=int, default=8, choices=W_BITS)
+    group.add_argument("--a-bits", type=int, default=8, choices=A_BITS)
+    group.add_argument("--w-group-size", type=POSITIVE_INT, default=None, metavar="G",
+                       help="weight blocks of G along the input dimension (e.g. 64, 128 for TensorRT INT4)")
+    group.add_argument("--calibrator", default="auto", choices=CALIBRATOR_CHOICES,
+                       help="activation range calibrator; auto picks by KL to FP32 on calibration data")
+    group.add_argument("--alpha", type=_option(float, checks.fraction), default=0.5,
+                       help="smoothing strength α in [0, 1] (default 0.5)")
+    group.add_argument(seed_option, dest="quant_seed", type=SEED, default=0, metavar="SEED",
+                       help="seed of every random Hadamard sign, in [0, 2**64) (default 0)")
+    group.add_argument("--asymmetric", action="store_true",
+                       help="asymmetric activations (zero point ≠ 0: ONNX Runtime only, not TensorRT)")
+    group.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=None,
+                       help="GPTQ weight rounding (default: on for --w-bits 4, off for 8)")
+
+
+def quant_config(args: argparse.Namespace) -> QuantConfig | None:
+    """The QuantConfig of the parsed quantization options; None for --method none."""
+    from ..quant.methods import METHODS, QuantConfig
+
+    if not METHODS[args.method].quantizes:
+        return None
+    return QuantConfig(method=args.method, w_bits=args.w_bits, a_bits=args.a_bits, calibrator=args.calibrator,
+                       asymmetric=args.asymmetric, w_group_size=args.w_group_size, gptq=args.gptq,
+                       alpha=args.alpha, seed=args.quant_seed)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import DemoConfig, run_demo
-    report = run_demo(DemoConfig(out=Path(args.output), model=args.model, method=args.method,
-                                 w_bits=args.w_bits, a_bits=args.a_bits, limit=args.limit,
-                                 force=args.force, quiet=args.json, seed=args.seed, calibrator=args.calibrator,
-                                 alpha=args.alpha, w_group_size=args.w_group_size, asymmetric=args.asymmetric,
-                                 gptq=args.gptq, plot=args.plot))
+    report = run_demo(DemoConfig(out=Path(args.output), model=args.model, quant=quant_config(args),
+                                 limit=args.limit, force=args.force, quiet=args.json, plot=args.plot))
     print(report.to_json() if args.json else report.table(), end="" if args.json else "\n")
     return 0
 
@@ -72,7 +109,8 @@ def _validate(args: argparse.Namespace) -> int:
     if args.engine:
         if not args.plugin:
             raise MQExportError("--engine needs --plugin PATH (libmq_trt_plugins.so from plugins/)")
-        result = validate_engine_file(args.engine, args.plugin, args.onnx, model=args.model)
+        result = validate_engine_file(args.engine, args.plugin, args.onnx, model=args.model, data=args.data,
+                                      limit=args.limit, quiet=args.json)
     else:
         result = validate_onnx_file(args.onnx, model=args.model, data=args.data, limit=args.limit,
                                     scan_kernel=args.scan_kernel, quiet=args.json,
@@ -86,10 +124,9 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .validate import run_export
-    report = run_export(args.checkpoint, Path(args.output), method=args.method, calib=args.calib,
-                        w_bits=args.w_bits, a_bits=args.a_bits, opset=args.opset, limit=args.limit,
-                        force=args.force, quiet=args.json, w_group_size=args.w_group_size, decode=args.decode)
+    from .export import run_export
+    report = run_export(args.checkpoint, Path(args.output), quant=quant_config(args), calib=args.calib,
+                        opset=args.opset, limit=args.limit, force=args.force, quiet=args.json, decode=args.decode)
     print(report.to_json() if args.json else report.table(), end="" if args.json else "\n")
     return 0
 
@@ -98,7 +135,7 @@ def _generate(args: argparse.Namespace) -> int:
     from .generate import run_generate
     from .report import json_text
     result = run_generate(args.model, args.prompt, args.tokens, backend=args.backend, greedy=args.greedy,
-                          method=args.method, w_bits=args.w_bits, a_bits=args.a_bits, seed=args.seed,
+                          quant=quant_config(args), seed=args.seed,
                           temperature=args.temperature, onnx_dir=args.onnx_dir, compare=args.compare,
                           force=args.force)
     print(json_text(result, "generate result") if args.json else result["text"])
@@ -109,7 +146,6 @@ def build_parser() -> argparse.ArgumentParser:
     from importlib.metadata import version
 
     from ..load.bundled import BUNDLED
-    from .demo import METHODS
     from .validate import FP32_TOLERANCES, QDQ_TOLERANCES
     parser = _ArgumentParser(prog="mq-export", description="Post-training quantization and "
                              "deployment export for Mamba models (MambaQuant).")
@@ -119,39 +155,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the pipeline on a bundled model and write DIR/report.json")
     demo.add_argument("-o", "--output", required=True, metavar="DIR", help="output directory")
     demo.add_argument("--model", default="mnist", help=f"bundled model ({', '.join(sorted(BUNDLED))})")
-    demo.add_argument("--method", default="none", choices=METHODS)
-    demo.add_argument("--w-bits", type=int, default=8, choices=(8, 4))
-    demo.add_argument("--a-bits", type=int, default=8, choices=(8, 16))
     demo.add_argument("--limit", type=POSITIVE_INT, default=None, metavar="N",
                       help="evaluate on the first N samples of the evaluation split (images or text windows)")
     demo.add_argument("--json", action="store_true", help="print report.json to stdout (no progress bars)")
     demo.add_argument("--force", action="store_true", help="replace a non-empty output directory")
-    demo.add_argument("--seed", type=SEED, default=0,
-                      help="seed of every random Hadamard sign, in [0, 2**64) (default 0)")
-    demo.add_argument("--calibrator", default="auto", choices=("auto", "absmax", "percentile", "mse", "entropy"),
-                      help="activation range calibrator; auto picks by KL to FP32 on calibration data")
-    demo.add_argument("--alpha", type=_option(float, checks.fraction), default=0.5,
-                      help="smoothing strength α in [0, 1] (default 0.5)")
-    demo.add_argument("--w-group-size", type=POSITIVE_INT, default=None, metavar="G",
-                      help="weight blocks of G along the input dimension (e.g. 64, 128 for TensorRT INT4)")
-    demo.add_argument("--asymmetric", action="store_true",
-                      help="asymmetric activations (zero point ≠ 0: ONNX Runtime only, not TensorRT)")
-    demo.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=None,
-                      help="GPTQ weight rounding (default: on for --w-bits 4, off for 8)")
     demo.add_argument("--plot", action="store_true", help="write DIR/activation_ranges.png")
+    add_quantization_options(demo)
     demo.set_defaults(func=_demo)
 
     export = sub.add_parser("export", help="export a checkpoint (mamba-ssm/HF Mamba LM directory or a classifier "
                             "of the bundled family) to DIR/model.onnx with DIR/report.json")
     export.add_argument("checkpoint", metavar="CHECKPOINT")
     export.add_argument("-o", "--output", required=True, metavar="DIR", help="output directory")
-    export.add_argument("--method", default="none", choices=METHODS)
     export.add_argument("--calib", default=None, metavar="FILE", help=".pt/.npy calibration inputs: int token "
                         "ids (n, L) for language models, float (n, L, d_input) for classifiers")
-    export.add_argument("--w-bits", type=int, default=8, choices=(8, 4))
-    export.add_argument("--a-bits", type=int, default=8, choices=(8, 16))
-    export.add_argument("--w-group-size", type=POSITIVE_INT, default=None, metavar="G", help="weight blocks of G "
-                        "along the input dimension (64 or 128 for TensorRT INT4)")
     export.add_argument("--opset", type=int, default=None, help="ONNX opset, 18-21 (default 18; 21 with INT4)")
     export.add_argument("--limit", type=POSITIVE_INT, default=None, metavar="N",
                         help="evaluate on N images (classifiers)")
@@ -159,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     export.add_argument("--decode", action="store_true", help="language models: also write the stateful "
                         "DIR/prefill.onnx and DIR/decode_step.onnx (past/present conv and SSM states per layer)")
+    add_quantization_options(export)
     export.set_defaults(func=_export)
 
     validate = sub.add_parser("validate", help="run an exported model.onnx in ONNX Runtime on the evaluation "
@@ -182,8 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--scan-kernel", action="store_true", help="run SelectiveScan through the registered "
                           "onnxruntime-extensions kernel instead of the function body")
     validate.add_argument("--json", action="store_true", help="no progress bars")
-    validate.add_argument("--engine", metavar="ENGINE", help="compare this TensorRT engine (built from MODEL.onnx) "
-                          "with ONNX Runtime instead (needs TensorRT and a GPU)")
+    validate.add_argument("--engine", metavar="ENGINE", help="score this TensorRT engine (built from MODEL.onnx) "
+                          "over the same data instead, and compare its logits with ONNX Runtime's (needs "
+                          "TensorRT and a GPU)")
     validate.add_argument("--plugin", metavar="PATH", help="plugin library for --engine")
     validate.set_defaults(func=_validate)
 
@@ -214,16 +233,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"sampling temperature, >= {checks.MIN_TEMPERATURE:g} (default 1.0)")
     gen.add_argument("--seed", type=SEED, default=0,
                      help="sampling seed, in [0, 2**64) (default 0)")
-    gen.add_argument("--method", default="none", choices=METHODS, help="quantize first (calibrated on the "
-                     "model's calibration split)")
-    gen.add_argument("--w-bits", type=int, default=8, choices=(8, 4))
-    gen.add_argument("--a-bits", type=int, default=8, choices=(8, 16))
     gen.add_argument("--onnx-dir", default=None, metavar="DIR", help="keep the exported prefill.onnx and "
                      "decode_step.onnx in DIR (onnxruntime backend)")
     gen.add_argument("--force", action="store_true", help="replace a non-empty --onnx-dir")
     gen.add_argument("--compare", action="store_true", help="onnxruntime backend: also decode with PyTorch and "
                      "report token equality and the largest per-step logit deviation")
     gen.add_argument("--json", action="store_true", help="print a JSON result instead of the text")
+    add_quantization_options(gen, seed_option="--quant-seed", description="--method quantizes before decoding, "
+                             "calibrated on the model's calibration split")
     gen.set_defaults(func=_generate)
     return parser
 

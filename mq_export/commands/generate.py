@@ -6,16 +6,17 @@ from pathlib import Path
 from .. import checks
 from ..errors import MQExportError
 from ..export.decode import export_decode
-from ..models.mamba import MambaLMHeadModel
+from ..models.registry import is_language_model
+from ..quant.methods import QuantConfig
 from ..runtime.decode import OrtDecoder, TorchDecoder, generate, teacher_forced_logits
 
 
 def run_generate(model: str | Path, prompt: str, tokens: int, backend: str = "torch", greedy: bool = True,
-                 method: str = "none", w_bits: int = 8, a_bits: int = 8, seed: int = 0,
+                 quant: QuantConfig | None = None, seed: int = 0,
                  temperature: float = 1.0, onnx_dir: str | Path | None = None, compare: bool = False,
                  quiet: bool = True, force: bool = False) -> dict:
     """`mq-export generate`: text from a bundled character LM (or an LM directory with vocab.json),
-    FP32 or quantized with `method` (calibrated on the model's calibration split), decoded by
+    FP32 or quantized by `quant` (calibrated on the model's calibration split), decoded by
     PyTorch or by ONNX Runtime on the exported prefill/step graphs. `compare` also decodes with
     PyTorch and reports whether the greedy tokens agree and the largest per-step logit deviation
     along the generated sequence. `onnx_dir` (onnxruntime backend) keeps the two graphs there,
@@ -23,10 +24,11 @@ def run_generate(model: str | Path, prompt: str, tokens: int, backend: str = "to
     import tempfile
     import time
 
-    from ..api import calibrate, load, quantize
+    from ..api import load
     from ..load.bundled import BUNDLED
     from ..load.charlm import CharTokenizer
     from .output import staged_output_dir
+    from .pipeline import quantize_stage
 
     if backend not in ("torch", "onnxruntime"):
         raise MQExportError(f"unknown backend {backend!r}; choose torch or onnxruntime")
@@ -38,8 +40,8 @@ def run_generate(model: str | Path, prompt: str, tokens: int, backend: str = "to
         raise MQExportError(f"{option} applies to ONNX Runtime decoding; add --backend onnxruntime")
     spec = BUNDLED.get(str(model))
     lm = load(model)
-    if not isinstance(lm, MambaLMHeadModel):
-        raise MQExportError(f"{model} is not a language model; generate needs a MambaLMHeadModel")
+    if not is_language_model(lm):
+        raise MQExportError(f"{model} is not a language model; generate needs one")
     if spec is not None and spec.tokenizer is not None:
         tok = spec.tokenizer()
     elif spec is None and (Path(model) / "vocab.json").is_file():
@@ -47,15 +49,15 @@ def run_generate(model: str | Path, prompt: str, tokens: int, backend: str = "to
     else:
         raise MQExportError(f"{model} has no character vocabulary (vocab.json); generate needs one")
     prompt_ids = tok.encode(prompt)
-    result = {"model": str(model), "backend": backend, "method": method, "greedy": greedy, "prompt": prompt}
-    if method != "none":
+    result = {"model": str(model), "backend": backend, "method": quant.method if quant else "none",
+              "greedy": greedy, "prompt": prompt}
+    if quant is not None:
         if spec is None:
             raise MQExportError("quantized generation calibrates on a bundled model's calibration split; "
                                 "pass a bundled --model")
         calib, evaluation = spec.splits(None)
-        stats = calibrate(lm, calib, exclude=(evaluation,), batch_size=spec.batch_size, quiet=quiet)
-        lm, _ = quantize(lm, stats, method=method, w_bits=w_bits, a_bits=a_bits, quiet=quiet)
-        result.update(w_bits=w_bits, a_bits=a_bits)
+        lm = quantize_stage(lm, calib, quant, exclude=(evaluation,), batch_size=spec.batch_size, quiet=quiet).model
+        result.update(w_bits=quant.w_bits, a_bits=quant.a_bits)
     torch_decoder = TorchDecoder(lm)
     if backend == "onnxruntime" and onnx_dir is not None:
         graphs = staged_output_dir(onnx_dir, force, inputs=() if spec is not None else (model,))

@@ -1,5 +1,6 @@
-"""ONNX stages of the pipeline: export + ONNX Runtime evaluation for `demo`/`export`, and the
-`validate` command (ONNX Runtime vs PyTorch, through Polygraphy's comparator)."""
+"""The `validate` command (ONNX Runtime vs PyTorch, through Polygraphy's comparator; a TensorRT
+engine scored like every other backend) and what the pipeline shares with it: ONNX Runtime
+logits, their errors against PyTorch, reading a user's input file."""
 from __future__ import annotations
 
 import time
@@ -58,32 +59,6 @@ def ort_logits(sess, inputs: Tensor, batch_size: int, desc: str, quiet: bool) ->
                           workers=max(torch.get_num_threads() // session_threads, 1))
 
 
-def onnx_stage(model: nn.Module, inputs: Tensor, staging: Path, reference_logits: Tensor, *,
-               labels: Tensor | None = None, metrics=None, fp32_logits: Tensor | None = None,
-               batch_size: int = 64, quiet: bool = False, opset: int | None = None,
-               desc: str = "onnxruntime") -> tuple[dict, dict, dict]:
-    """Export `model` to staging/model.onnx and run it in ONNX Runtime over `inputs`.
-
-    Returns (onnxruntime metrics block, export info, seconds). `reference_logits` are PyTorch's for
-    the same model (fp32 or fake-quant); `metrics(logits, labels, fp32_logits)` scores when given.
-    """
-    from ..export.onnx import export_onnx
-    from ..runtime.ort import int8_matmul_policy, session
-
-    seconds = {}
-    t0 = time.perf_counter()
-    _, info = export_onnx(model, staging / ONNX_NAME, opset=opset)
-    seconds["export_onnx"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    int8_matmul = int8_matmul_policy()
-    logits = ort_logits(session(staging / ONNX_NAME, threads=1, int8_matmul=int8_matmul), inputs, batch_size,
-                        desc, quiet)
-    seconds["onnxruntime"] = time.perf_counter() - t0
-    block = dict(metrics(logits, labels, fp32_logits)) if metrics is not None and labels is not None else {}
-    block.update(logits_errors(logits, reference_logits))
-    return block, {**info.to_dict(), "int8_matmul": int8_matmul.to_dict()}, seconds
-
-
 # ------------------------------------------------------------------ `mq-export validate`
 
 @dataclass(frozen=True)
@@ -106,22 +81,47 @@ QDQ_TOLERANCES = Tolerances(max_rel_error=1.0, min_agreement=0.9)
 
 
 def validate_engine_file(engine_path: str | Path, plugin_path: str | Path, onnx_path: str | Path,
-                         model: str = "mnist", batch: int = 64) -> dict:
-    """`mq-export validate --engine`: the TensorRT engine against ONNX Runtime on one batch of the
-    bundled model's evaluation data (needs TensorRT and a GPU; a clear error otherwise)."""
+                         model: str | Path = "mnist", data: str | Path | None = None, limit: int | None = 2000,
+                         quiet: bool = False, rtol: float = 1e-2, atol: float = 1e-3) -> dict:
+    """`mq-export validate --engine`: the TensorRT engine over the whole evaluation data (the same
+    as `validate_onnx_file`'s), scored with the model's metrics against the FP32 PyTorch model like
+    every other backend, and passed when its logits match ONNX Runtime's on the same graph within
+    max |trt − ort| <= atol + rtol · max |ort| (needs TensorRT and a GPU; a clear error otherwise)."""
     import dataclasses
 
-    from ..load.bundled import bundled
-    from ..runtime.engine import load_onnx, validate_engine
+    from ..api import load
+    from ..runtime.engine import EngineForward, OutputComparison, load_onnx
+    from ..runtime.ort import int8_matmul_policy, session
 
-    input_name = load_onnx(onnx_path).graph.input[0].name
-    _, evaluation = bundled(model).splits(batch)
-    comparisons = validate_engine(engine_path, plugin_path, onnx_path, {input_name: evaluation.inputs.numpy()})
-    return {"engine": str(engine_path), "onnx": str(onnx_path), "samples": len(evaluation),
-            "outputs": [dataclasses.asdict(c) for c in comparisons],
-            "passed": all(c.passed for c in comparisons),
-            "failed": [f"output {c.name}: max |TensorRT − ONNX Runtime| {c.max_abs_error:.3g} (reference max "
-                       f"{c.max_reference:.3g})" for c in comparisons if not c.passed]}
+    load_onnx(onnx_path)
+    engine = EngineForward(engine_path, plugin_path)   # TensorRT and the GPU are checked first
+    torch_model = load(model)
+    inputs, labels, metrics, data_name, batch_size = _validation_data(torch_model, model, data, limit)
+    batch_size = min(batch_size, engine.max_batch)
+    sess = session(onnx_path, threads=1, int8_matmul=int8_matmul_policy())
+    seconds = {}
+    t0 = time.perf_counter()
+    trt_out = batched_logits(engine, inputs, batch_size=batch_size, desc="tensorrt", quiet=quiet)
+    seconds["tensorrt"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ort_out = ort_logits(sess, inputs, batch_size, "onnxruntime", quiet)
+    seconds["onnxruntime"] = time.perf_counter() - t0
+    comparison = OutputComparison.of(sess.get_outputs()[0].name, trt_out.numpy(), ort_out.numpy(), rtol, atol)
+    result = {"engine": str(engine_path), "onnx": str(onnx_path), "model": str(model), "data": data_name,
+              "samples": len(inputs)}
+    if metrics is not None:
+        fp32_logits = batched_logits(torch_model, inputs, batch_size=batch_size, desc="pytorch", quiet=quiet)
+        result["tensorrt"] = metrics(trt_out, labels, fp32_logits)
+        result["onnxruntime"] = metrics(ort_out, labels, fp32_logits)
+        result["pytorch"] = metrics(fp32_logits, labels, None)
+    result.update({
+        "outputs": [dataclasses.asdict(comparison)],
+        "passed": comparison.passed,
+        "failed": [] if comparison.passed else [
+            f"output {comparison.name}: max |TensorRT − ONNX Runtime| {comparison.max_abs_error:.3g} (reference max "
+            f"{comparison.max_reference:.3g})"],
+        "seconds": seconds})
+    return result
 
 
 def _validation_data(torch_model: nn.Module, model: str | Path, data: str | Path | None,
@@ -132,9 +132,9 @@ def _validation_data(torch_model: nn.Module, model: str | Path, data: str | Path
     from ..load.bundled import BUNDLED, bundled
     from ..load.data import mnist_splits
     from ..evaluate import classification_metrics
-    from ..models.mamba import MambaLMHeadModel
+    from ..models.registry import is_language_model
 
-    is_lm = isinstance(torch_model, MambaLMHeadModel)
+    is_lm = is_language_model(torch_model)
     if data is not None:
         inputs = load_calibration_file(data, torch_model, role="--data")[:limit]
         return inputs, None, None, f"{Path(data).name}[0:{len(inputs)}]", 2 if is_lm else 64
@@ -246,14 +246,14 @@ def validate_onnx_file(onnx_path: str | Path, model: str | Path = "mnist", limit
     return result
 
 
-# ------------------------------------------------------------------ `mq-export export`
+# ------------------------------------------------------------------ user input files
 
 def load_calibration_file(path: str | Path, model: nn.Module, role: str = "calibration file") -> Tensor:
     """Inputs for a user's model from a file: .pt (a tensor, or a dict with one) or .npy.
     LMs: int token ids (n, L); classifiers: float inputs (n, L, d_input); at least one sample of
     length >= 1. `role` names the file in errors (export's calibration file, validate's --data)."""
     from ..load.checkpoints import _error_reason
-    from ..models.mamba import MambaLMHeadModel, MambaSequenceClassifier
+    from ..models.registry import is_language_model
 
     path = Path(path)
     if not path.is_file():
@@ -281,107 +281,19 @@ def load_calibration_file(path: str | Path, model: nn.Module, role: str = "calib
     if not isinstance(data, Tensor):
         raise MQExportError(f"{role} {path} does not hold a tensor")
     found = f"got {data.dtype} {tuple(data.shape)}"
-    if isinstance(model, MambaLMHeadModel):
+    if is_language_model(model):
         if data.dim() != 2 or data.is_floating_point() or data.is_complex() or data.dtype == torch.bool:
             raise MQExportError(f"{role} {path}: a language model takes int token ids (n, L), {found}")
         expected = "token ids (n, L)"
         data = data.long()
         if data.numel() and (data.min() < 0 or data.max() >= model.cfg.vocab_size):
             raise MQExportError(f"{role} {path}: token ids outside [0, {model.cfg.vocab_size})")
-    elif isinstance(model, MambaSequenceClassifier):
+    else:
         if data.dim() != 3 or data.shape[-1] != model.cfg.d_input or not data.is_floating_point():
             raise MQExportError(f"{role} {path}: this classifier takes float inputs (n, L, "
                                 f"{model.cfg.d_input}), {found}")
         expected = f"inputs (n, L, {model.cfg.d_input})"
         data = data.float()
-    else:
-        raise MQExportError(f"no input format for {type(model).__name__}")
     if data.numel() == 0:
         raise MQExportError(f"{role} {path} is empty ({found}); it needs {expected} with n >= 1 and L >= 1")
     return data
-
-
-def run_export(checkpoint: str | Path, out: str | Path, method: str = "none", calib: str | Path | None = None,
-               w_bits: int = 8, a_bits: int = 8, opset: int | None = None, limit: int | None = None,
-               force: bool = False, quiet: bool = False, w_group_size: int | None = None, decode: bool = False):
-    """`mq-export export`: a user's checkpoint → DIR/model.onnx + DIR/report.json (`decode`: also the
-    stateful prefill.onnx and decode_step.onnx of a language model, see decode.py)."""
-    from ..load.data import mnist_splits
-    from ..evaluate import classification_metrics
-    from ..load.checkpoints import load_checkpoint
-    from ..models.mamba import MambaLMHeadModel
-    from .output import staged_output_dir
-    from .report import Report
-
-    if method != "none" and calib is None:
-        raise MQExportError(f"--method {method} calibrates: pass --calib FILE (.pt/.npy: token ids (n, L) "
-                            f"for language models, float inputs (n, L, d_input) for classifiers)")
-    if opset is not None and not 18 <= opset <= 21:
-        raise MQExportError(f"opset {opset} is not supported; choose 18–21 (21 for INT4 weights)")
-    t0 = time.perf_counter()
-    model = load_checkpoint(checkpoint)   # rejects bad checkpoints before anything is written
-    is_lm = isinstance(model, MambaLMHeadModel)
-    # Without a method the file only stands in for evaluation data, which a classifier of MNIST's
-    # shape has bundled: there it would be read for nothing, most likely a forgotten --method.
-    if method == "none" and calib is not None and not is_lm and _mnist_shaped(model):
-        from ..quant.quantize import METHODS
-        raise MQExportError(f"--calib is only used to calibrate a quantization method and this classifier is "
-                            f"evaluated on the bundled MNIST split: add --method ({', '.join(METHODS)}) or "
-                            f"drop --calib")
-    calib_inputs = load_calibration_file(calib, model) if calib is not None else None
-    if decode and not is_lm:
-        raise MQExportError(f"--decode exports a language model's step graph; {checkpoint} is a classifier")
-    with staged_output_dir(out, force, inputs=(checkpoint, calib)) as staging:
-        labels, metrics, exclude = None, None, ()
-        if is_lm:
-            g = torch.Generator().manual_seed(0)
-            inputs = calib_inputs[:8] if calib_inputs is not None else \
-                torch.randint(0, model.cfg.vocab_size, (4, 64), generator=g)
-            eval_info, batch = {"samples": len(inputs), "split": "calibration sample" if calib else "random ids"}, 2
-        elif _mnist_shaped(model):
-            _, evaluation = mnist_splits(limit)
-            inputs, labels, metrics = evaluation.inputs, evaluation.labels, classification_metrics
-            exclude = (evaluation,)   # a user's calibration file must not overlap the images scored here
-            eval_info, batch = {"samples": len(evaluation), "split": evaluation.name}, 64
-        else:
-            if calib_inputs is None:
-                raise MQExportError("this classifier has no bundled evaluation data; pass --calib FILE to "
-                                    "compare ONNX Runtime with PyTorch on its inputs")
-            inputs = calib_inputs[:256]
-            eval_info, batch = {"samples": len(inputs), "split": "calibration sample"}, 64
-        report = Report(model=str(checkpoint), method=method, w_bits=w_bits if method != "none" else 32,
-                        a_bits=a_bits if method != "none" else 32,
-                        calibration={"samples": len(calib_inputs), "split": str(calib)} if method != "none"
-                        else {"samples": 0, "split": "none"}, eval=eval_info)
-        report.seconds["load"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        fp32_logits = batched_logits(model, inputs, batch_size=batch, desc="fp32", quiet=quiet)
-        report.seconds["fp32"] = time.perf_counter() - t0
-        report.backends["fp32"] = metrics(fp32_logits, labels, None) if metrics else {}
-        reference = fp32_logits
-        if method != "none":
-            from ..quant.quantize import QuantConfig
-            from .pipeline import quantize_stage
-            model, reference, _ = quantize_stage(
-                model, calib_inputs, inputs, QuantConfig(method=method, w_bits=w_bits, a_bits=a_bits,
-                                                         w_group_size=w_group_size), report,
-                labels=labels, metrics=metrics, fp32_logits=fp32_logits, exclude=exclude, batch_size=batch,
-                quiet=quiet)
-        block, info, seconds = onnx_stage(model, inputs, staging, reference, labels=labels, metrics=metrics,
-                                          fp32_logits=fp32_logits if method != "none" else None,
-                                          batch_size=batch, quiet=quiet, opset=opset)
-        report.backends["onnxruntime"] = block
-        report.settings["onnx"] = info
-        report.seconds.update(seconds)
-        report.artifacts["onnx"] = ONNX_NAME
-        if decode:
-            from ..export.decode import export_decode
-            from ..runtime.decode import check_decode
-            t0 = time.perf_counter()
-            ex = export_decode(model, staging, opset=opset)
-            report.settings["decode"] = {**ex.info, "check": check_decode(model, ex, inputs[:2, :32])}
-            report.seconds["export_decode"] = time.perf_counter() - t0
-            report.artifacts["decode_step"], report.artifacts["prefill"] = ex.step.name, ex.prefill.name
-        report.artifacts["report"] = "report.json"
-        (staging / "report.json").write_text(report.to_json())
-    return report

@@ -1,4 +1,5 @@
-"""ONNX export of stateful decoding for a `MambaLMHeadModel`: prefill and step graphs.
+"""ONNX export of stateful decoding for a language model (a family with `state_kinds`, e.g.
+`MambaLMHeadModel`): prefill and step graphs.
 
 A Mamba-1 layer's whole memory is two tensors, so a decoder carries per layer
     conv_state (batch, d_inner, d_conv − 1): the last inputs of the causal depthwise conv,
@@ -26,13 +27,23 @@ from torch import Tensor, nn
 
 from ..errors import MQExportError
 from ..models.mamba import MambaLMHeadModel
+from ..models.registry import family_of
 
 STEP_FILE, PREFILL_FILE = "decode_step.onnx", "prefill.onnx"
 
 
-def state_names(n_layer: int, prefix: str) -> list[str]:
+def state_names(n_layer: int, prefix: str, kinds: tuple[str, ...] = ("conv", "ssm")) -> list[str]:
     """Flat state names in feed order: {prefix}_conv_state.0, {prefix}_ssm_state.0, …"""
-    return [f"{prefix}_{kind}_state.{i}" for i in range(n_layer) for kind in ("conv", "ssm")]
+    return [f"{prefix}_{kind}_state.{i}" for i in range(n_layer) for kind in kinds]
+
+
+def model_state_names(model: nn.Module, prefix: str) -> list[str]:
+    """The state names of `model`'s family (an error for a family without decode state)."""
+    family = family_of(model)
+    if not family.state_kinds:
+        raise MQExportError(f"--decode needs a language model with a decode state, not a {family.name} model "
+                            f"({type(model).__name__})")
+    return state_names(family.state_layers(model), prefix, family.state_kinds)
 
 
 class StatefulLM(nn.Module):
@@ -44,7 +55,7 @@ class StatefulLM(nn.Module):
         self.model = model
         # torch.export matches dynamic shapes to forward's parameters, so they are named one by
         # one (input_ids, past_conv_state_0, …) instead of a *past that would count as one.
-        names = ["input_ids", *(n.replace(".", "_") for n in state_names(model.cfg.n_layer, "past"))]
+        names = ["input_ids", *(n.replace(".", "_") for n in model_state_names(model, "past"))]
 
         def forward(*args: Tensor) -> tuple[Tensor, ...]:
             return self.forward_flat(*args)
@@ -69,12 +80,9 @@ def export_decode(model: MambaLMHeadModel, directory: str | Path, opset: int | N
     """Write `decode_step.onnx` and `prefill.onnx` for `model` (FP32 or fake-quantized) into `directory`."""
     from .onnx import export_module
 
-    if not isinstance(model, MambaLMHeadModel):
-        raise MQExportError(f"--decode needs a language model (MambaLMHeadModel), not {type(model).__name__}")
+    past, present = model_state_names(model, "past"), model_state_names(model, "present")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    n = model.cfg.n_layer
-    past, present = state_names(n, "past"), state_names(n, "present")
     gen = torch.Generator().manual_seed(0)
     batch = 2
     # Example states drawn at random: zeros would let the tracer treat them as constants.
@@ -83,7 +91,7 @@ def export_decode(model: MambaLMHeadModel, directory: str | Path, opset: int | N
     info = {}
     # The step graph's scan body is one unrolled step; prefill keeps the default chunking.
     for path, length, chunk in ((directory / STEP_FILE, 1, 1), (directory / PREFILL_FILE, 37, None)):
-        ids = torch.randint(0, model.cfg.vocab_size, (batch, length), generator=gen)
+        ids, = family_of(model).example_inputs(model, batch, length, gen)
         axes = {name: {0: "batch"} for name in past + present}
         axes["input_ids"] = {0: "batch"} if length == 1 else {0: "batch", 1: "length"}
         axes["logits"] = axes["input_ids"]

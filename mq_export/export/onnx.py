@@ -1,12 +1,13 @@
-"""ONNX export: any module whose scans go through `scan.selective_scan`, with Q/DQ at the quant sites.
+"""ONNX export: any module whose scans are `SelectiveScanOp` submodules, with Q/DQ at the quant sites.
 
 How the graph is made:
 
-* The module is traced by `torch.onnx.export(dynamo=True)` while three things are swapped in:
-  every reference to `scan.selective_scan` emits ONE `SelectiveScan` node of the project domain
-  (op contract: `ops.py`); every `F.linear` emits a weight marker so the weight becomes a [in, out]
-  MatMul operand; every `ActivationSite` whose quantizer is a `qspec.FakeQuantize` emits a site
-  marker. Nothing else about the model changes, so rotations/smoothing the quantize stage folded
+* The module is traced by `torch.onnx.export(dynamo=True)` while three kinds of its own
+  submodules are translated (`_translated`: their `forward`, on these instances only): each
+  `SelectiveScanOp` emits ONE `SelectiveScan` node of the project domain (op contract:
+  `ops/spec.py`); each nn.Linear emits a weight marker so its weight becomes a [in, out] MatMul
+  operand; each `ActivationSite` whose quantizer is a `qspec.FakeQuantize` emits a site marker.
+  Nothing else about the model changes, so rotations/smoothing the quantize stage folded
   into weights are simply the exported initializers, and online ops (`out_proj_input_rotation`,
   `gate_scale`) are ordinary MatMul/Mul/Sigmoid nodes.
 * The markers are then rewritten with onnx-graphsurgeon: a site marker becomes
@@ -27,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import sys
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,12 +37,11 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import onnx
 import torch
-import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 from torch import Tensor, nn
 
-from ..ops import selective_scan as _scan
 from ..errors import MQExportError
+from ..ops.selective_scan import DeltaProjection, SelectiveScanOp
 from ..ops.spec import SCAN_DOMAIN, SCAN_DOMAIN_VERSION, SCAN_OP_TYPE, SelectiveScanSpec
 from ..quant.qspec import ActQuant, FakeQuantize, WeightQuant
 
@@ -189,11 +189,18 @@ def _scan_as_node(trace: _Trace):
     return selective_scan_node
 
 
-def _linear_with_marker(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    w_t = torch.onnx.ops.symbolic(f"{MARK_DOMAIN}::Weight", [weight], {}, dtype=weight.dtype,
-                                  shape=(weight.shape[1], weight.shape[0]), version=1)
-    y = torch.matmul(x, w_t)
-    return y if bias is None else y + bias
+def _linear_marker(linear: nn.Linear):
+    # DeltaProjection's bias is the scan's delta_bias, not part of its own output.
+    adds_bias = not isinstance(linear, DeltaProjection)
+
+    def forward(x: Tensor) -> Tensor:
+        # The parameters are read when called: while tracing they are the exporter's stand-ins.
+        weight, bias = linear.weight, linear.bias if adds_bias else None
+        w_t = torch.onnx.ops.symbolic(f"{MARK_DOMAIN}::Weight", [weight], {}, dtype=weight.dtype,
+                                      shape=(weight.shape[1], weight.shape[0]), version=1)
+        y = torch.matmul(x, w_t)
+        return y if bias is None else y + bias
+    return forward
 
 
 def _site_marker(name: str):
@@ -204,37 +211,42 @@ def _site_marker(name: str):
 
 
 @contextlib.contextmanager
-def _tracing_patches(model: nn.Module, trace: _Trace) -> Iterator[None]:
-    original = _scan.selective_scan
-    replacement = _scan_as_node(trace)
-    patched: list[tuple[object, str]] = []
-    # Every module that imported `selective_scan` by name (model.py, a decode-step module, …).
-    for mod in list(sys.modules.values()):
-        namespace = getattr(mod, "__dict__", None)
-        if not isinstance(namespace, dict):
-            continue
-        for key, value in list(namespace.items()):
-            if value is original:
-                patched.append((mod, key))
-    site_modules = []
+def _translated(model: nn.Module, trace: _Trace) -> Iterator[None]:
+    """While tracing, this model's own modules emit the export's nodes: each `SelectiveScanOp` one
+    SelectiveScan node, each nn.Linear (or DeltaProjection) a weight marker, each ActivationSite with
+    a `FakeQuantize` a site marker. Only `forward` attributes of these instances change, and each is restored to what
+    it was (so translations nest); nothing module- or process-wide is touched. The caller holds
+    `_TRACER_LOCK`, so no other thread's export sees these instances meanwhile."""
+    replacements: list[tuple[nn.Module, Callable]] = []
     for name, module in model.named_modules():
-        quantizer = getattr(module, "quantizer", None)
-        if isinstance(quantizer, FakeQuantize):
-            trace.sites[name] = quantizer.params
-            module.forward = _site_marker(name)          # instance attribute, removed below
-            site_modules.append(module)
-    linear = F.linear
+        if isinstance(module, SelectiveScanOp):
+            replacements.append((module, _scan_as_node(trace)))
+        elif type(module).forward in (nn.Linear.forward, DeltaProjection.forward):
+            replacements.append((module, _linear_marker(module)))
+        elif isinstance(module, nn.Linear) and getattr(module, "weight_quant", None) is not None:
+            # A Linear subclass computes its own way: its forward is traced as written, without a marker.
+            raise MQExportError(f"{name} ({type(module).__name__}) has its own forward, so its quantized "
+                                f"weight cannot be exported; quantize plain nn.Linear modules")
+        elif isinstance(getattr(module, "quantizer", None), FakeQuantize):
+            trace.sites[name] = module.quantizer.params
+            replacements.append((module, _site_marker(name)))
+    previous = [(module, module.__dict__.get("forward")) for module, _ in replacements]
     try:
-        for mod, key in patched:
-            setattr(mod, key, replacement)
-        F.linear = _linear_with_marker
+        for module, forward in replacements:
+            module.forward = forward                     # an instance attribute shadows the class's
         yield
     finally:
-        F.linear = linear
-        for mod, key in patched:
-            setattr(mod, key, original)
-        for module in site_modules:
-            del module.forward
+        for module, forward in reversed(previous):
+            if forward is None:
+                del module.forward
+            else:
+                module.forward = forward
+
+
+# torch.export's tracer is process-wide (one proxy-mode slot; two threads tracing at once fail),
+# so exports trace one at a time; what follows the trace (rewrite, checks, writing) runs freely.
+# Reentrant: an export started from inside a traced forward gets torch's error, not a deadlock.
+_TRACER_LOCK = threading.RLock()
 
 
 # ------------------------------------------------------------------ the scan as standard ops
@@ -505,7 +517,8 @@ def export_module(model: nn.Module, args: tuple, path: str | Path | None = None,
                   dynamic_axes: dict[str, dict[int, str]] | None = None, opset: int | None = None,
                   chunk: int = DEFAULT_CHUNK, check: bool = True,
                   external_data: bool | None = None) -> tuple[onnx.ModelProto, ExportInfo]:
-    """Export `model(*args)` to ONNX: one `SelectiveScan` node (+ local function) per scan call,
+    """Export `model(*args)` to ONNX: one `SelectiveScan` node (+ local function) per call of a
+    `SelectiveScanOp` submodule (a scan must go through one: the exporter translates those),
     Q/DQ at every `ActivationSite` with a `FakeQuantize`, integer weights for Linears with
     `weight_quant`. `dynamic_axes` maps input/output names to {axis: dim name}. Returns the model
     (also written to `path` if given) and what was exported. Deterministic for the same inputs.
@@ -531,7 +544,7 @@ def export_module(model: nn.Module, args: tuple, path: str | Path | None = None,
     # A strided view as example input makes torch.export trace aten.sym_stride, which has no ONNX op.
     args = tuple(a.detach().clone().contiguous() if isinstance(a, Tensor) else a for a in args)
     model = model.eval()
-    with _tracing_patches(model, trace), torch.no_grad(), warnings.catch_warnings():
+    with _TRACER_LOCK, _translated(model, trace), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         dynamic_shapes = None
         if dynamic_axes:
@@ -546,9 +559,12 @@ def export_module(model: nn.Module, args: tuple, path: str | Path | None = None,
                 program = torch.onnx.export(model, tuple(args), dynamo=True, input_names=list(input_names),
                                             output_names=list(output_names), opset_version=opset,
                                             dynamic_shapes=dynamic_shapes, optimize=True, verbose=False)
-        except MQExportError:
-            raise
         except Exception as exc:
+            cause = exc
+            while cause is not None and not isinstance(cause, MQExportError):
+                cause = cause.__cause__         # torch wraps what the traced forward raised
+            if cause is not None:
+                raise cause from None
             raise MQExportError(f"torch.onnx.export failed for {type(model).__name__}: "
                                 f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
         finally:
@@ -558,7 +574,7 @@ def export_module(model: nn.Module, args: tuple, path: str | Path | None = None,
     del program
     specs = set(trace.specs)
     if len(specs) > 1:
-        raise MQExportError("the model calls selective_scan with different settings "
+        raise MQExportError("the model runs its SelectiveScanOps with different settings "
                             f"({sorted(map(str, specs))}); one export holds one SelectiveScan variant")
     spec = next(iter(specs)) if specs else None
     info.scan_nodes = len(trace.specs)
@@ -645,23 +661,20 @@ def check_model(model: onnx.ModelProto | str | Path) -> None:
 def export_onnx(model: nn.Module, path: str | Path | None = None, *, opset: int | None = None,
                 chunk: int = DEFAULT_CHUNK, check: bool = True,
                 external_data: bool | None = None) -> tuple[onnx.ModelProto, ExportInfo]:
-    """Export a bundled-family classifier (`x` (batch, length, d_input) → `logits` (batch, classes))
-    or a `MambaLMHeadModel` (`input_ids` (batch, length) int64 → `logits` (batch, length, vocab)),
-    with dynamic batch and length. Other modules: use `export_module` with your own names/axes.
+    """Export a model of a registered family (models/registry.py) with its family's example inputs,
+    input/output names and dynamic axes: a classifier `x` (batch, length, d_input) → `logits`
+    (batch, classes), a language model `input_ids` (batch, length) int64 → `logits` (batch, length,
+    vocab). Other modules: use `export_module` with your own names/axes.
     `external_data`: as for `export_module` (None: the weights go to `<path>.data` above
     `EXTERNAL_DATA_BYTES`)."""
-    from ..models.mamba import MambaLMHeadModel, MambaSequenceClassifier
+    from ..models.registry import family_of
 
-    gen = torch.Generator().manual_seed(0)
-    batch, length = 2, 37    # example sizes equal to no static dimension, so neither gets specialised
-    if isinstance(model, MambaLMHeadModel):
-        args = (torch.randint(0, model.cfg.vocab_size, (batch, length), generator=gen),)
-        names, axes = ["input_ids"], {"input_ids": {0: "batch", 1: "length"}, "logits": {0: "batch", 1: "length"}}
-    elif isinstance(model, MambaSequenceClassifier):
-        args = (torch.randn(batch, length, model.cfg.d_input, generator=gen),)
-        names, axes = ["x"], {"x": {0: "batch", 1: "length"}, "logits": {0: "batch"}}
-    else:
-        raise MQExportError(f"export_onnx knows MambaSequenceClassifier and MambaLMHeadModel, not "
-                            f"{type(model).__name__}; call export_module with input/output names and axes")
-    return export_module(model, args, path, input_names=names, output_names=["logits"], dynamic_axes=axes,
+    family = family_of(model, required=False)
+    if family is None:
+        raise MQExportError(f"export_onnx knows the registered model families, not {type(model).__name__}; "
+                            f"call export_module with input/output names and axes")
+    # Example sizes equal to no static dimension, so neither gets specialised.
+    args = family.example_inputs(model, 2, 37, torch.Generator().manual_seed(0))
+    return export_module(model, args, path, input_names=list(family.input_names),
+                         output_names=list(family.output_names), dynamic_axes=family.dynamic_axes,
                          opset=opset, chunk=chunk, check=check, external_data=external_data)

@@ -17,6 +17,8 @@ from torch import Tensor, nn
 
 from ..errors import MQExportError
 from ..models.mamba import ClassifierConfig, LMConfig, MambaLMHeadModel, MambaSequenceClassifier, MixerConfig
+from ..models.family import ModelFamily
+from ..models.registry import MAMBA_LM, family_for_config
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 BUNDLED_CLASSIFIER = ASSETS / "mnist" / "Mamba_best.pth"
@@ -226,78 +228,44 @@ class _ConfigReader:
         return _ConfigReader(value, self.source, f"{self.prefix}{key}.")
 
 
-def lm_config_from_mamba_ssm(cfg: dict, source: Path) -> LMConfig:
-    """mamba-ssm's MambaConfig (`source`: the checkpoint directory, for error messages)."""
-    read = _ConfigReader(cfg, source / "config.json")
-    ssm = read.section("ssm_cfg")
-    if (ssm.values.get("layer", "Mamba1") != "Mamba1" or cfg.get("attn_layer_idx")
-            or read.integer("d_intermediate", 0, minimum=0)):
-        raise MQExportError(f"{source}: only Mamba-1 layers without attention or MLP blocks are supported "
-                            f"(ssm_cfg.layer, attn_layer_idx, d_intermediate)")
-    known = {"layer", "d_state", "d_conv", "expand", "dt_rank", "conv_bias", "bias"}
-    # Initialisation-only settings do not change inference.
-    ignored = {"dt_min", "dt_max", "dt_init", "dt_scale", "dt_init_floor", "use_fast_path"}
-    unknown = set(ssm.values) - known - ignored
-    if unknown:
-        raise MQExportError(f"{source}: ssm_cfg settings {sorted(unknown)} are not supported")
-    mixer = MixerConfig(d_model=read.integer("d_model"), d_state=ssm.integer("d_state", 16),
-                        d_conv=ssm.integer("d_conv", 4), expand=ssm.integer("expand", 2),
-                        dt_rank=ssm.integer_or_auto("dt_rank"), conv_bias=ssm.boolean("conv_bias", True),
-                        bias=ssm.boolean("bias", False))
-    return LMConfig(mixer=mixer, n_layer=read.integer("n_layer"), vocab_size=read.integer("vocab_size"),
-                    rms_norm=read.boolean("rms_norm", True), norm_epsilon=read.positive_float("norm_epsilon", 1e-5),
-                    pad_vocab_size_multiple=read.integer("pad_vocab_size_multiple", 8),
-                    tie_embeddings=read.boolean("tie_embeddings", True))
-
-
-def lm_config_from_hf(cfg: dict, source: Path) -> LMConfig:
-    """HF transformers' MambaConfig (`source`: the checkpoint directory, for error messages)."""
-    if cfg.get("hidden_act", "silu") != "silu":
-        raise MQExportError(f"{source}: hidden_act {cfg['hidden_act']!r} is not supported (only silu)")
-    read = _ConfigReader(cfg, source / "config.json")
-    mixer = MixerConfig(d_model=read.integer("hidden_size"), d_state=read.integer("state_size", 16),
-                        d_conv=read.integer("conv_kernel", 4), expand=read.integer("expand", 2),
-                        dt_rank=read.integer_or_auto("time_step_rank"), conv_bias=read.boolean("use_conv_bias", True),
-                        bias=read.boolean("use_bias", False))
-    if read.integer("intermediate_size", mixer.d_inner) != mixer.d_inner:
-        raise MQExportError(f"{source}: intermediate_size {cfg['intermediate_size']} is not expand × "
-                            f"hidden_size = {mixer.d_inner}")
-    return LMConfig(mixer=mixer, n_layer=read.integer("num_hidden_layers"), vocab_size=read.integer("vocab_size"),
-                    rms_norm=True, norm_epsilon=read.positive_float("layer_norm_epsilon", 1e-5),
-                    pad_vocab_size_multiple=1, tie_embeddings=read.boolean("tie_word_embeddings", True))
+def _renamed(state: dict, renames: dict[str, str]) -> dict:
+    """`state` with each name's first matching prefix replaced (old prefix → new)."""
+    def rename(key: str) -> str:
+        old = next((p for p in renames if key.startswith(p)), None)
+        return key if old is None else renames[old] + key[len(old):]
+    return {rename(k): v for k, v in state.items()}
 
 
 def hf_to_mamba_ssm_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """HF names → mamba-ssm names (they differ only in the embedding's name)."""
-    return {k.replace("backbone.embeddings.", "backbone.embedding."): v for k, v in state.items()}
+    return _renamed(state, MAMBA_LM.hf_renames)
 
 
 def mamba_ssm_to_hf_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    return {k.replace("backbone.embedding.", "backbone.embeddings."): v for k, v in state.items()}
+    return _renamed(state, {ours: hf for hf, ours in MAMBA_LM.hf_renames.items()})
 
 
 def load_lm(directory: str | Path) -> MambaLMHeadModel:
-    """A mamba-ssm (`MambaLMHeadModel.save_pretrained`) or HF `MambaForCausalLM` directory."""
+    """A mamba-ssm (`MambaLMHeadModel.save_pretrained`) or HF transformers (`MambaForCausalLM`,
+    `FalconMambaForCausalLM`, …: any family registered for its `model_type`) directory."""
     directory = Path(directory)
     if not directory.is_dir():
         raise MQExportError(f"{directory} is not a directory; a language model is loaded from a directory "
                             f"with config.json and its weights")
     raw = _read_config(directory)
-    is_hf = raw.get("model_type") == "mamba" or "hidden_size" in raw
-    if raw.get("model_type") not in (None, "mamba"):
-        raise MQExportError(f"{directory}: model_type {raw['model_type']!r} is not supported (only Mamba-1, "
-                            f"'mamba')")
-    cfg = lm_config_from_hf(raw, directory) if is_hf else lm_config_from_mamba_ssm(raw, directory)
+    family, is_hf = family_for_config(raw, directory)
+    read = _ConfigReader(raw, directory / "config.json")
+    cfg = family.config_from_hf(read, directory) if is_hf else family.config_from_mamba_ssm(read, directory)
     weights = _weights_file(directory)
     if weights.name in SHARD_INDEX.values():
-        return load_sharded(cfg, weights, hf_names=is_hf)
+        return load_sharded(family, cfg, weights, hf_names=is_hf)
     state = _read_tensors(weights)
     if is_hf:
-        state = hf_to_mamba_ssm_keys(state)
+        state = _renamed(state, family.hf_renames)
     if cfg.tie_embeddings:
         state.pop("lm_head.weight", None)  # tied: the embedding is the one copy
         state["lm_head.weight"] = state.get("backbone.embedding.weight", torch.empty(0))
-    model = MambaLMHeadModel(cfg)
+    model = family.build(cfg)
     _load_strict(model, state, weights)
     return model.eval()
 
@@ -366,17 +334,17 @@ def _check_tensor(source: Path, key: str, value: Tensor, expected_shape: tuple[i
                             f"saved after training diverged)")
 
 
-def load_sharded(cfg: LMConfig, index: Path, hf_names: bool) -> MambaLMHeadModel:
+def load_sharded(family: ModelFamily, cfg: LMConfig, index: Path, hf_names: bool) -> MambaLMHeadModel:
     """The model of `cfg` with the weights of a sharded checkpoint, read shard by shard into a model
     built on the meta device: the loaded tensors become the parameters (`assign=True`), so the peak
     is the weights once plus what one shard holds beyond them, not a second copy of the model."""
     shards = _read_shard_index(index)
     with torch.device("meta"):
-        model = MambaLMHeadModel(cfg)
+        model = family.build(cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if cfg.tie_embeddings:
         del expected["lm_head.weight"]   # tied: the embedding is the one copy (a listed lm_head is skipped)
-    to_model = {file: dict(zip(names, hf_to_mamba_ssm_keys(dict.fromkeys(names)) if hf_names else names))
+    to_model = {file: dict(zip(names, _renamed(dict.fromkeys(names), family.hf_renames) if hf_names else names))
                 for file, names in shards.items()}
     listed = {key for keys in to_model.values() for key in keys.values()}
     missing, unexpected = sorted(set(expected) - listed), sorted(listed - set(expected) - {"lm_head.weight"})

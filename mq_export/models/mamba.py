@@ -7,13 +7,16 @@ stage attaches a fake quantizer, and the places the exporter puts Q/DQ nodes.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.selective_scan import selective_scan
+from ..ops.selective_scan import DeltaProjection, SelectiveScanOp
+from ..errors import MQExportError
+from .family import CLASSIFICATION, LANGUAGE_MODEL, ModelFamily
+from .topology import GatedStream, LinearStream, NormedReader, NormedStream, StateStream, Stream
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,10 @@ class MixerConfig:
     @property
     def rank(self) -> int:
         return self.dt_rank if self.dt_rank is not None else math.ceil(self.d_model / 16)
+
+    def build(self) -> MambaMixer:
+        """The mixer this config describes (a family's mixer config subclass builds its own)."""
+        return MambaMixer(self)
 
 
 # A Mamba-1 layer's whole memory: (conv_state (b, d_inner, d_conv − 1), ssm_state (b, d_inner, d_state)).
@@ -62,7 +69,8 @@ class MambaMixer(nn.Module):
         self.conv1d = nn.Conv1d(d_inner, d_inner, cfg.d_conv, groups=d_inner, padding=cfg.d_conv - 1,
                                 bias=cfg.conv_bias)
         self.x_proj = nn.Linear(d_inner, r + 2 * n, bias=False)
-        self.dt_proj = nn.Linear(r, d_inner, bias=True)
+        self.dt_proj = DeltaProjection(r, d_inner, bias=True)     # its bias is the scan's delta_bias
+        self.scan = SelectiveScanOp()
         self.A_log = nn.Parameter(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).repeat(d_inner, 1))
         self.D = nn.Parameter(torch.ones(d_inner))
         self.out_proj = nn.Linear(d_inner, cfg.d_model, bias=cfg.bias)
@@ -89,17 +97,16 @@ class MambaMixer(nn.Module):
             x = F.silu(self.conv1d(x)[..., cfg.d_conv - 1:cfg.d_conv - 1 + length])
         x = x.transpose(1, 2).contiguous()          # (b, l, d_inner): x_proj's input and the scan's u
         x_dbl = self.x_proj(self.sites["x_proj"](x))
-        dt, B, C = torch.split(x_dbl, [cfg.rank, cfg.d_state, cfg.d_state], dim=-1)
-        # dt_proj's bias is applied inside the scan as delta_bias, as mamba-ssm does.
-        dt = F.linear(self.sites["dt_proj"](dt), self.dt_proj.weight)
+        dt, B, C = self.selection(*torch.split(x_dbl, [cfg.rank, cfg.d_state, cfg.d_state], dim=-1))
+        dt = self.dt_proj(self.sites["dt_proj"](dt))   # no bias: the scan adds it (delta_bias), as mamba-ssm does
         B = self.sites["scan_B"](B)
         C = self.sites["scan_C"](C)
         gate_in_scan = self.gate_scale is None
-        y = selective_scan(x.transpose(1, 2), dt.transpose(1, 2), -torch.exp(self.A_log.float()),
-                           B.transpose(1, 2), C.transpose(1, 2), self.D.float(),
-                           z=z.transpose(1, 2) if gate_in_scan else None,
-                           delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
-                           **({} if state is None else {"initial_state": state[1], "return_last_state": True}))
+        y = self.scan(x.transpose(1, 2), dt.transpose(1, 2), -torch.exp(self.A_log.float()),
+                      B.transpose(1, 2), C.transpose(1, 2), self.D.float(),
+                      z=z.transpose(1, 2) if gate_in_scan else None,
+                      delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+                      **({} if state is None else {"initial_state": state[1], "return_last_state": True}))
         if state is not None:
             y, ssm_state = y
         y = y.transpose(1, 2)                                                     # (b, l, d_inner)
@@ -109,6 +116,19 @@ class MambaMixer(nn.Module):
             y = y @ self.out_proj_input_rotation
         out = self.out_proj(self.sites["out_proj"](y))
         return out if state is None else (out, (conv_state, ssm_state))
+
+    def selection(self, dt: Tensor, B: Tensor, C: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x_proj's dt, B, C as dt_proj and the scan read them (a subclass may normalise them)."""
+        return dt, B, C
+
+    def streams(self, name: str) -> list[Stream]:
+        """The transform topology inside the mixer; `name`: its qualified name in the model."""
+        r, n = self.cfg.rank, self.cfg.d_state
+        return [LinearStream(((f"{name}.x_proj", slice(0, r)),), f"{name}.dt_proj", f"{name}.sites.dt_proj",
+                             "dt_rank"),
+                StateStream(f"{name}.x_proj", slice(r, r + n), slice(r + n, None), f"{name}.sites.scan_B",
+                            f"{name}.sites.scan_C"),
+                GatedStream(name)]
 
 
 @dataclass(frozen=True)
@@ -147,7 +167,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(d))
 
     def forward(self, x: Tensor) -> Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        return rms_normalize(x, self.eps) * self.weight
+
+
+def rms_normalize(x: Tensor, eps: float) -> Tensor:
+    """x / RMS(x) over the last dimension: a weight-free RMSNorm."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
 
 @dataclass(frozen=True)
@@ -160,7 +185,6 @@ class LMConfig:
     norm_epsilon: float = 1e-5
     pad_vocab_size_multiple: int = 8
     tie_embeddings: bool = True
-    extra: dict = field(default_factory=dict, compare=False)
 
     @property
     def padded_vocab_size(self) -> int:
@@ -175,7 +199,7 @@ class Block(nn.Module):
         super().__init__()
         d = cfg.mixer.d_model
         self.norm = RMSNorm(d, cfg.norm_epsilon) if cfg.rms_norm else nn.LayerNorm(d, eps=cfg.norm_epsilon)
-        self.mixer = MambaMixer(cfg.mixer)
+        self.mixer = cfg.mixer.build()
 
     def forward(self, hidden: Tensor, residual: Tensor | None, state: LayerState | None = None):
         """(hidden, residual) → (hidden, residual), or with the mixer's `state` → (hidden, residual,
@@ -235,3 +259,118 @@ class MambaLMHeadModel(nn.Module):
             return self.lm_head(self.sites["lm_head"](self.backbone(input_ids)))
         hidden, state = self.backbone(input_ids, state)
         return self.lm_head(self.sites["lm_head"](hidden)), state
+
+
+# ------------------------------------------------------------------ family adapters
+
+class SequenceClassifierFamily(ModelFamily):
+    """The bundled classifier's family: `x` (batch, length, d_input) floats → `logits` (batch, classes)."""
+    name = "mamba-classifier"
+    model_class = MambaSequenceClassifier
+    task = CLASSIFICATION
+    input_names = ("x",)
+    dynamic_axes = {"x": {0: "batch", 1: "length"}, "logits": {0: "batch"}}
+
+    def example_inputs(self, model, batch, length, generator):
+        return (torch.randn(batch, length, model.cfg.d_input, generator=generator),)
+
+    def check_inputs(self, model, inputs, what):
+        if inputs.dim() != 3 or inputs.shape[-1] != model.cfg.d_input or not inputs.is_floating_point():
+            raise MQExportError(f"{what}: this classifier reads real floats (n, L, {model.cfg.d_input}), got "
+                                f"{inputs.dtype} {tuple(inputs.shape)}")
+        return inputs.to(model.input_proj.weight.dtype)
+
+    def topology(self, model):
+        """Each mixer's streams; the d_model stream into each layer (input_proj or the previous
+        out_proj → in_proj); the last out_proj → mean over time → LayerNorm → classifier."""
+        n = len(model.layers)
+        streams = [s for i, layer in enumerate(model.layers) for s in layer.streams(f"layers.{i}")]
+        streams += [LinearStream((("input_proj" if i == 0 else f"layers.{i - 1}.out_proj", slice(None)),),
+                                 f"layers.{i}.in_proj", f"layers.{i}.sites.in_proj", "d_model") for i in range(n)]
+        # The mean over time keeps a centred out_proj's output zero-mean: the LayerNorm can become an RMSNorm.
+        streams.append(NormedStream((f"layers.{n - 1}.out_proj",), (NormedReader("norm", "classifier", "sites.classifier"),),
+                                    centrable=True, what="the classifier input"))
+        return streams
+
+
+class MambaLMFamily(ModelFamily):
+    """Mamba-1 language models (mamba-ssm's MambaLMHeadModel, HF MambaForCausalLM):
+    `input_ids` (batch, length) int64 → `logits` (batch, length, vocab)."""
+    name = "mamba-lm"
+    model_class = MambaLMHeadModel
+    task = LANGUAGE_MODEL
+    input_names = ("input_ids",)
+    dynamic_axes = {"input_ids": {0: "batch", 1: "length"}, "logits": {0: "batch", 1: "length"}}
+    hf_model_types = ("mamba",)
+    hf_renames = {"backbone.embeddings.": "backbone.embedding."}
+    state_kinds = ("conv", "ssm")   # LayerState
+
+    def example_inputs(self, model, batch, length, generator):
+        return (torch.randint(0, model.cfg.vocab_size, (batch, length), generator=generator),)
+
+    def check_inputs(self, model, inputs, what):
+        if inputs.dim() != 2 or inputs.is_floating_point() or inputs.is_complex() or inputs.dtype == torch.bool:
+            raise MQExportError(f"{what}: a language model reads integer token ids (n, L), got {inputs.dtype} "
+                                f"{tuple(inputs.shape)}")
+        if inputs.numel() and (inputs.min() < 0 or inputs.max() >= model.cfg.vocab_size):
+            raise MQExportError(f"{what}: token ids outside [0, {model.cfg.vocab_size})")
+        return inputs.long()
+
+    def state_layers(self, model):
+        return model.cfg.n_layer
+
+    def topology(self, model):
+        """Each mixer's streams, then the residual stream: written by the embedding and every
+        out_proj, read through each block's norm by in_proj and through norm_f by lm_head."""
+        blocks = [f"backbone.layers.{i}" for i in range(len(model.backbone.layers))]
+        streams = [s for name, block in zip(blocks, model.backbone.layers) for s in block.mixer.streams(f"{name}.mixer")]
+        readers = [NormedReader(f"{b}.norm", f"{b}.mixer.in_proj", f"{b}.mixer.sites.in_proj") for b in blocks]
+        readers.append(NormedReader("backbone.norm_f", "lm_head", "sites.lm_head"))
+        streams.append(NormedStream(tuple(f"{b}.mixer.out_proj" for b in blocks), tuple(readers),
+                                    embeddings=("backbone.embedding",), what="a language model's residual stream"))
+        return streams
+
+    def config_from_mamba_ssm(self, read, source) -> LMConfig:
+        """mamba-ssm's MambaConfig."""
+        ssm = read.section("ssm_cfg")
+        if (ssm.values.get("layer", "Mamba1") != "Mamba1" or read.values.get("attn_layer_idx")
+                or read.integer("d_intermediate", 0, minimum=0)):
+            raise MQExportError(f"{source}: only Mamba-1 layers without attention or MLP blocks are supported "
+                                f"(ssm_cfg.layer, attn_layer_idx, d_intermediate)")
+        known = {"layer", "d_state", "d_conv", "expand", "dt_rank", "conv_bias", "bias"}
+        # Initialisation-only settings do not change inference.
+        ignored = {"dt_min", "dt_max", "dt_init", "dt_scale", "dt_init_floor", "use_fast_path"}
+        unknown = set(ssm.values) - known - ignored
+        if unknown:
+            raise MQExportError(f"{source}: ssm_cfg settings {sorted(unknown)} are not supported")
+        mixer = MixerConfig(d_model=read.integer("d_model"), d_state=ssm.integer("d_state", 16),
+                            d_conv=ssm.integer("d_conv", 4), expand=ssm.integer("expand", 2),
+                            dt_rank=ssm.integer_or_auto("dt_rank"), conv_bias=ssm.boolean("conv_bias", True),
+                            bias=ssm.boolean("bias", False))
+        return LMConfig(mixer=mixer, n_layer=read.integer("n_layer"), vocab_size=read.integer("vocab_size"),
+                        rms_norm=read.boolean("rms_norm", True),
+                        norm_epsilon=read.positive_float("norm_epsilon", 1e-5),
+                        pad_vocab_size_multiple=read.integer("pad_vocab_size_multiple", 8),
+                        tie_embeddings=read.boolean("tie_embeddings", True))
+
+    def config_from_hf(self, read, source) -> LMConfig:
+        """HF transformers' MambaConfig."""
+        return self.hf_lm_config(read, source, MixerConfig)
+
+    @staticmethod
+    def hf_lm_config(read, source, mixer_config: type[MixerConfig], **mixer_settings) -> LMConfig:
+        """An LM config from HF's Mamba-style config.json keys, with mixers of `mixer_config`
+        (given `mixer_settings` beyond Mamba-1's)."""
+        if read.values.get("hidden_act", "silu") != "silu":
+            raise MQExportError(f"{source}: hidden_act {read.values['hidden_act']!r} is not supported (only silu)")
+        mixer = mixer_config(d_model=read.integer("hidden_size"), d_state=read.integer("state_size", 16),
+                             d_conv=read.integer("conv_kernel", 4), expand=read.integer("expand", 2),
+                             dt_rank=read.integer_or_auto("time_step_rank"),
+                             conv_bias=read.boolean("use_conv_bias", True), bias=read.boolean("use_bias", False),
+                             **mixer_settings)
+        if read.integer("intermediate_size", mixer.d_inner) != mixer.d_inner:
+            raise MQExportError(f"{source}: intermediate_size {read.values['intermediate_size']} is not expand × "
+                                f"hidden_size = {mixer.d_inner}")
+        return LMConfig(mixer=mixer, n_layer=read.integer("num_hidden_layers"), vocab_size=read.integer("vocab_size"),
+                        rms_norm=True, norm_epsilon=read.positive_float("layer_norm_epsilon", 1e-5),
+                        pad_vocab_size_multiple=1, tie_embeddings=read.boolean("tie_word_embeddings", True))

@@ -1,8 +1,10 @@
 """The selective scan of Mamba-1, with the semantics of mamba-ssm's `selective_scan_fn`.
 
-This function is the boundary the ONNX exporter turns into one custom `SelectiveScan` node,
-so everything inside it (Δ bias and softplus, the recurrence, the C read-out, the D skip and
-the SiLU(z) gate) is one op, and everything outside it is standard ops.
+Models call the scan through a `SelectiveScanOp` module they hold: that module is the boundary
+the ONNX exporter turns into one custom `SelectiveScan` node (by translating that model's
+instances while it traces, nothing global), so everything inside it (Δ bias and softplus, the
+recurrence, the C read-out, the D skip and the SiLU(z) gate) is one op, and everything outside
+it is standard ops. `DeltaProjection` is the Linear that makes Δ, whose bias the scan applies.
 
 Shapes (mamba-ssm layout): u, delta, z: (b, d, l); A: (d, n); B, C: (b, n, l); D, delta_bias: (d,);
 initial_state / final state: (b, d, n).
@@ -11,9 +13,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from . import cpu_kernel
+from ..errors import MQExportError
 
 
 def _discretize_delta(delta: Tensor, delta_bias: Tensor | None, delta_softplus: bool) -> Tensor:
@@ -57,6 +60,9 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
     """The scan the models call, equal to `selective_scan_reference`: the fused C kernel
     (`cpu_kernel`) for fp32 CPU inputs where it builds, else `selective_scan_chunked`, and the
     differentiable reference when autograd needs it."""
+    if torch.compiler.is_exporting():
+        raise MQExportError("selective_scan was called directly in a forward being exported; call it through a "
+                            "SelectiveScanOp submodule, which the exporter turns into one SelectiveScan node")
     tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         # Neither fast path is differentiable; training takes the reference.
@@ -67,6 +73,25 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
                                                initial_state, return_last_state)
     return selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                   return_last_state, initial_state)
+
+
+class SelectiveScanOp(nn.Module):
+    """`selective_scan` as a module (no parameters): a model holds one per scan call site, so an
+    exporter or a training script can replace the scan of exactly that model's instances."""
+
+    def forward(self, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                D: Tensor | None = None, z: Tensor | None = None,
+                delta_bias: Tensor | None = None, delta_softplus: bool = False,
+                return_last_state: bool = False, initial_state: Tensor | None = None):
+        return selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state)
+
+
+class DeltaProjection(nn.Linear):
+    """The Linear that makes the scan's Δ (mamba-ssm's `dt_proj`): its forward applies only the
+    weight, because its bias is the scan's `delta_bias`, added inside the scan before the softplus."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight)
 
 
 def selective_scan_chunked(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,

@@ -13,7 +13,7 @@ import hashlib
 import itertools
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -23,7 +23,8 @@ from tqdm import tqdm
 from ..load.data import Split
 from ..errors import MQExportError
 from ..evaluate import progress_enabled
-from ..models.mamba import ActivationSite, MambaLMHeadModel, MambaSequenceClassifier
+from ..models.mamba import ActivationSite
+from ..models.registry import family_of
 from .qspec import ActQuant
 
 CALIBRATORS = ("absmax", "percentile", "mse", "entropy")
@@ -100,7 +101,6 @@ class CalibrationStats:
     sites: dict[str, SiteStats]
     selection_logits: Tensor
     batch_size: int = 64
-    extra: dict = field(default_factory=dict)
 
     @property
     def selection_inputs(self) -> Tensor:
@@ -117,7 +117,6 @@ def collect_site_stats(model: nn.Module, inputs: Tensor, batch_size: int = 64, c
                        quiet: bool = False) -> tuple[dict[str, SiteStats], Tensor]:
     """Stream `inputs` once through `model`, summarising every ActivationSite's input.
     Returns (site stats, logits of the first `keep_logits` samples)."""
-    torch.set_flush_denormal(True)
     stats: dict[str, SiteStats] = {}
     handles = []
     for name, site in activation_sites(model).items():
@@ -220,20 +219,10 @@ def check_calibration_split(split: Split, exclude: tuple[Split, ...] = ()) -> No
 
 def model_inputs(model: nn.Module, inputs: Tensor, what: str) -> Tensor:
     """`inputs` checked against what `model` reads, in the dtype it computes with: a language model
-    integer token ids (n, L) below its vocabulary size, a classifier real floats (n, L, d_input)."""
-    if isinstance(model, MambaLMHeadModel):
-        if inputs.dim() != 2 or inputs.is_floating_point() or inputs.is_complex() or inputs.dtype == torch.bool:
-            raise MQExportError(f"{what}: a language model reads integer token ids (n, L), got {inputs.dtype} "
-                                f"{tuple(inputs.shape)}")
-        if inputs.numel() and (inputs.min() < 0 or inputs.max() >= model.cfg.vocab_size):
-            raise MQExportError(f"{what}: token ids outside [0, {model.cfg.vocab_size})")
-        return inputs.long()
-    if isinstance(model, MambaSequenceClassifier):
-        if inputs.dim() != 3 or inputs.shape[-1] != model.cfg.d_input or not inputs.is_floating_point():
-            raise MQExportError(f"{what}: this classifier reads real floats (n, L, {model.cfg.d_input}), got "
-                                f"{inputs.dtype} {tuple(inputs.shape)}")
-        return inputs.to(model.input_proj.weight.dtype)
-    return inputs
+    integer token ids (n, L) below its vocabulary size, a classifier real floats (n, L, d_input);
+    a module of no known family gets them unchecked."""
+    family = family_of(model, required=False)
+    return inputs if family is None else family.check_inputs(model, inputs, what)
 
 
 def calibrate(model: nn.Module, split: Split, exclude: tuple[Split, ...] = (), batch_size: int = 64,

@@ -21,47 +21,14 @@ from .calibrate import (CALIBRATORS, CalibrationStats, SiteStats, activation_ran
                         collect_site_stats)
 from ..errors import MQExportError
 from ..evaluate import batched_logits, kl_to_reference
+from .methods import QuantConfig, QuantSettings
 from .qspec import FakeQuantize, WeightQuant, int_range
-from .transforms import TransformConfig, apply_transforms, method_transforms
+from .transforms import apply_transforms
 
-METHODS = ("rtn", "smoothquant", "hadamard", "mambaquant")
 CLIP_RATIOS = torch.linspace(1.0, 0.5, 26).tolist()
 # Weight rows the clip search and the fake quantization handle at once: bounds their temporaries
 # (a 1.4B model's lm_head has 50k rows of 2048; whole, each pass took 1-2 GB on top of the model).
 ROWS_AT_ONCE = 1024
-
-
-@dataclass(frozen=True)
-class QuantConfig:
-    method: str = "mambaquant"
-    w_bits: int = 8
-    a_bits: int = 8
-    calibrator: str = "auto"          # auto | absmax | percentile | mse | entropy
-    percentile: float = 99.99
-    asymmetric: bool = False          # asymmetric activations: ONNX Runtime only (TensorRT needs zp 0)
-    w_group_size: int | None = None   # weight blocks along the input dimension (TensorRT INT4)
-    gptq: bool | None = None          # None: GPTQ for 4-bit weights, clip-searched RTN for 8-bit
-    alpha: float = 0.5
-    seed: int = 0
-    klt: bool = True                  # False: MambaQuant with plain Hadamard rotations (ablation)
-    range_samples: int | None = None  # calibration images for the post-transform range pass (None: all)
-
-    def transforms(self) -> TransformConfig:
-        if self.method not in METHODS:
-            raise MQExportError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
-        return method_transforms(self.method, self.alpha, self.seed, self.klt)
-
-    @property
-    def use_gptq(self) -> bool:
-        return self.w_bits <= 4 if self.gptq is None else self.gptq
-
-    @property
-    def needs_covariance(self) -> bool:
-        """Whether calibration must keep the sites' d×d second moments: GPTQ's Hessians, and every
-        transform (the KLT rotates by the covariance; the transforms also scale it at each site
-        they touch). Only RTN without GPTQ does without them."""
-        t = self.transforms()
-        return self.use_gptq or bool(t.rotation or t.smooth_inputs or t.smooth_gate or t.smooth_state)
 
 
 @dataclass
@@ -69,7 +36,7 @@ class Prepared:
     """A transformed FP model and the activation statistics of that model."""
     model: nn.Module
     sites: dict[str, SiteStats]
-    transforms: dict
+    online: list[str]     # transforms left as online ops (apply_transforms' description)
 
 
 def quant_sites(model: nn.Module) -> list[tuple[str, str | None]]:
@@ -84,16 +51,6 @@ def quant_sites(model: nn.Module) -> list[tuple[str, str | None]]:
 
 
 # --- weights --------------------------------------------------------------------------------
-
-def weight_group_size(in_features: int, group_size: int | None) -> int | None:
-    """The block size for one Linear: None (per channel) when the row is no longer than a block."""
-    if group_size is None or in_features <= group_size:
-        return None
-    if in_features % group_size:
-        raise MQExportError(f"--w-group-size {group_size} does not divide a Linear's {in_features} input "
-                            f"features; use a size that divides every in_features larger than it")
-    return group_size
-
 
 def rtn_scales(weight: Tensor, bits: int, group_size: int | None, importance: Tensor | None = None) -> Tensor:
     """Per-channel (or per-block) scales, each clipped to the ratio of its abs-max that minimises the
@@ -159,7 +116,7 @@ def quantize_weights(model: nn.Module, sites: dict[str, SiteStats], cfg: QuantCo
             continue
         stats = sites.get(feeding.get(name, ""))
         w = linear.weight.data
-        group = weight_group_size(w.shape[1], cfg.w_group_size)
+        group = cfg.group_size_for(w.shape[1])
         hessian = stats.second_moment if stats is not None and stats.sum_outer is not None else None
         importance = stats.mean_square if stats is not None else None
         wq = WeightQuant(scale=rtn_scales(w, cfg.w_bits, group, importance), bits=cfg.w_bits, group_size=group)
@@ -186,26 +143,26 @@ def set_activation_quantizers(model: nn.Module, sites: dict[str, SiteStats], cfg
 def prepare(model: nn.Module, stats: CalibrationStats, cfg: QuantConfig, quiet: bool = False) -> Prepared:
     """Apply the method's transforms to a copy of `model` and re-collect activation statistics on
     it (rotations and smoothing change the distributions the ranges are set from)."""
-    tcfg = cfg.transforms()
+    cfg.check_model(model)
     if cfg.needs_covariance and any(s.sum_outer is None for s in stats.sites.values()):
         raise MQExportError(f"--method {cfg.method} with {cfg.w_bits}-bit weights needs second moments of the "
                             f"activations; calibrate with covariance=True")
-    if not (tcfg.smooth_inputs or tcfg.smooth_gate or tcfg.smooth_state or tcfg.rotation):
-        return Prepared(copy.deepcopy(model), stats.sites, {"rotation": None, "online": []})
-    transformed, info = apply_transforms(model, stats, tcfg)
+    if not (cfg.spec.smooths or cfg.spec.rotation):
+        return Prepared(copy.deepcopy(model), stats.sites, [])
+    transformed, info = apply_transforms(model, stats, cfg.transforms())
     sites, _ = collect_site_stats(transformed, stats.inputs[:cfg.range_samples], stats.batch_size,
                                   covariance=cfg.use_gptq, desc=f"calibrate ({cfg.method})", quiet=quiet)
-    return Prepared(transformed, sites, info)
+    return Prepared(transformed, sites, info["online"])
 
 
 def quantize_prepared(prepared: Prepared, stats: CalibrationStats, cfg: QuantConfig,
-                      quiet: bool = False) -> tuple[nn.Module, dict]:
+                      quiet: bool = False) -> tuple[nn.Module, QuantSettings]:
     """Quantize a copy of `prepared.model` (a Prepared can serve several configurations)."""
     return _quantize_model(copy.deepcopy(prepared.model), prepared, stats, cfg, quiet)
 
 
 def _quantize_model(model: nn.Module, prepared: Prepared, stats: CalibrationStats, cfg: QuantConfig,
-                    quiet: bool) -> tuple[nn.Module, dict]:
+                    quiet: bool) -> tuple[nn.Module, QuantSettings]:
     """Quantize `model` (`prepared.model` or a copy of it) in place."""
     weights = quantize_weights(model, prepared.sites, cfg)
     if cfg.calibrator == "auto":
@@ -218,42 +175,18 @@ def _quantize_model(model: nn.Module, prepared: Prepared, stats: CalibrationStat
                                     quiet=quiet)
             kls[name] = kl_to_reference(stats.selection_logits, logits)
         chosen = min(kls, key=kls.get)
-    elif cfg.calibrator in CALIBRATORS:
-        kls, chosen = None, cfg.calibrator
     else:
-        raise MQExportError(f"unknown calibrator {cfg.calibrator!r}; choose from auto, {', '.join(CALIBRATORS)}")
+        kls, chosen = None, cfg.calibrator
     acts = set_activation_quantizers(model, prepared.sites, cfg, chosen)
-    t = prepared.transforms
-    smoothing = bool(t.get("smooth_inputs") or t.get("smooth_gate") or t.get("smooth_state"))
-    settings = {
-        "method": cfg.method, "w_bits": cfg.w_bits, "a_bits": cfg.a_bits, "seed": cfg.seed,
-        "alpha": cfg.alpha if smoothing else None,
-        "rotation": t.get("rotation"), "klt": t.get("rotation") == "klt",
-        "smoothing": {k: t.get(k, False) for k in ("smooth_inputs", "smooth_gate", "smooth_state")},
-        "calibrator": chosen, "calibrator_requested": cfg.calibrator, "calibrator_selection_kl": kls,
-        "calibrator_selection_samples": len(stats.selection_logits),
-        "percentile": cfg.percentile if chosen == "percentile" else None,
-        "activations": (f"static per-tensor asymmetric uint{cfg.a_bits} (ONNX Runtime only)" if cfg.asymmetric
-                        else f"static per-tensor symmetric int{cfg.a_bits}"),
-        "weights": (f"symmetric int{cfg.w_bits} per output channel"
-                    + (f", blocks of {cfg.w_group_size} along the input" if cfg.w_group_size else "")
-                    + (", GPTQ" if cfg.use_gptq else ", RTN with clipping search")),
-        "w_group_size": cfg.w_group_size,
-        "online": t.get("online", []),
-        "quantized_activation_sites": acts,
-        "quantized_weights": weights,
-        "floating_point": ["selective-scan recurrence (Δ softplus, exp(ΔA), D skip)", "conv1d", "norms",
-                           "biases", "model input", "online gate scale and rotation"],
-        "h_c_product": "quantized through its operands outside the scan op: C (scan_C) and the scan "
-                       "output y (out_proj input)",
-        "calibration_split": stats.split,
-    }
-    return model, settings
+    return model, QuantSettings(config=cfg, calibrator=chosen, calibrator_selection_kl=kls,
+                                calibrator_selection_samples=len(stats.selection_logits), online=prepared.online,
+                                quantized_activation_sites=acts, quantized_weights=weights,
+                                calibration_split=stats.split)
 
 
 def quantize(model: nn.Module, stats: CalibrationStats, cfg: QuantConfig,
-             quiet: bool = False) -> tuple[nn.Module, dict]:
-    """A quantized deep copy of `model` (never mutated) and the method's settings."""
+             quiet: bool = False) -> tuple[nn.Module, QuantSettings]:
+    """A quantized deep copy of `model` (never mutated) and what the quantization did."""
     prepared = prepare(model, stats, cfg, quiet)
     # `prepared.model` is already this call's own copy: quantizing it in place saves another one.
     return _quantize_model(prepared.model, prepared, stats, cfg, quiet)

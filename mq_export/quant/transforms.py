@@ -13,6 +13,10 @@ Rotations: `random_hadamard` (QuaRot) or `klt_rotation` R = K·H (K = eigenvecto
 calibration covariance at the site). All math is fp64; every random sign comes from one
 `torch.Generator` seeded by `seed`, so a seed gives bit-identical weights.
 
+Which Linear writes and reads which stream, and which transforms each stream allows, is the
+model family's topology (models/topology.py, declared by each family's adapter); this module is
+the folding algebra that walks it.
+
 The classifier's final LayerNorm: its input is made zero-mean by centring out_proj's output rows
 (the mean over time keeps it zero-mean), so LayerNorm equals RMSNorm; γ and β fold into the
 classifier and the norm becomes a weight-free RMSNorm, which commutes with any rotation (as in
@@ -30,7 +34,9 @@ from torch import Tensor, nn
 from .calibrate import CalibrationStats, SiteStats
 from ..errors import MQExportError
 from .hadamard import SUPPORTED_ORDERS, has_hadamard_matrix, random_hadamard
-from ..models.mamba import MambaLMHeadModel, MambaMixer, MambaSequenceClassifier, RMSNorm
+from ..models.mamba import RMSNorm
+from ..models.registry import family_of
+from ..models.topology import GatedStream, LinearStream, NormedStream, StateStream, Stream
 
 ROTATIONS = ("hadamard", "klt")
 
@@ -43,20 +49,6 @@ class TransformConfig:
     rotation: str | None = None    # None, "hadamard" (random Hadamard) or "klt" (K·H)
     alpha: float = 0.5
     seed: int = 0
-
-
-def method_transforms(method: str, alpha: float = 0.5, seed: int = 0, klt: bool = True) -> TransformConfig:
-    """The transforms of each `--method` (klt=False: MambaQuant with plain Hadamard, an ablation)."""
-    if method in ("none", "rtn"):
-        return TransformConfig(alpha=alpha, seed=seed)
-    if method == "smoothquant":
-        return TransformConfig(smooth_inputs=True, alpha=alpha, seed=seed)
-    if method == "hadamard":
-        return TransformConfig(rotation="hadamard", alpha=alpha, seed=seed)
-    if method == "mambaquant":
-        return TransformConfig(smooth_inputs=True, smooth_gate=True, smooth_state=True,
-                               rotation="klt" if klt else "hadamard", alpha=alpha, seed=seed)
-    raise MQExportError(f"unknown method {method!r}")
 
 
 # --- small pure functions on weights -------------------------------------------------------
@@ -119,12 +111,17 @@ def _scaled_covariance(stats: SiteStats, s: Tensor | None) -> Tensor:
 
 
 class _Transformer:
-    """Applies one TransformConfig to a (deep-copied, fp64) model, recording what stays online."""
+    """Applies one TransformConfig to a (deep-copied, fp64) model along its family's topology,
+    recording what stays online and what the topology does not allow."""
 
-    def __init__(self, stats: CalibrationStats, cfg: TransformConfig) -> None:
-        self.stats, self.cfg = stats, cfg
+    def __init__(self, model: nn.Module, stats: CalibrationStats, cfg: TransformConfig) -> None:
+        self.model, self.stats, self.cfg = model, stats, cfg
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.online: list[str] = []
+        self.not_applied: list[str] = []
+
+    def module(self, name: str) -> nn.Module:
+        return self.model.get_submodule(name)
 
     def site(self, name: str) -> SiteStats:
         if name not in self.stats.sites:
@@ -147,23 +144,40 @@ class _Transformer:
     def smoothing(self, site: SiteStats, reader: nn.Linear) -> Tensor:
         return smoothing_scales(site.absmax, reader.weight.data.abs().amax(0), self.cfg.alpha)
 
-    def mixer(self, mixer: MambaMixer, prefix: str) -> None:
-        cfg, r, n, d_inner = self.cfg, mixer.cfg.rank, mixer.cfg.d_state, mixer.cfg.d_inner
-        # dt path: x_proj's dt rows → dt_proj, folded offline.
-        site = self.site(prefix + "sites.dt_proj")
-        s = self.smoothing(site, mixer.dt_proj) if cfg.smooth_inputs else None
-        m, m_inv = smooth_then_rotate(s, self.rotation(_scaled_covariance(site, s), "dt_rank"), r)
-        fold_stream_transform(m, m_inv, writers=[(mixer.x_proj, slice(0, r))], readers=[mixer.dt_proj])
-        # h·C along the state dimension: C·s and B/s leave Σ_n h_n C_n unchanged (the decay is
-        # elementwise in n), folded into x_proj's B and C rows.
-        if cfg.smooth_state:
-            b_max, c_max = self.site(prefix + "sites.scan_B").absmax, self.site(prefix + "sites.scan_C").absmax
-            s = smoothing_scales(b_max, c_max, cfg.alpha)
-            mixer.x_proj.weight.data[r:r + n] /= s[:, None]
-            mixer.x_proj.weight.data[r + n:] *= s[:, None]
-        # out_proj input: S-SiLU smoothing (z-rows of in_proj / s, gate σ(s⊙z)), then an online rotation.
+    def apply(self, stream: Stream) -> None:
+        {LinearStream: self.linear_stream, StateStream: self.state_stream, GatedStream: self.gated_stream,
+         NormedStream: self.normed_stream}[type(stream)](stream)
+
+    def linear_stream(self, stream: LinearStream) -> None:
+        """Smoothing and rotation both fold into the writers' rows and the reader."""
+        site, reader = self.site(stream.site), self.module(stream.reader)
+        smooth = self.cfg.smooth_inputs and stream.smoothable
+        if self.cfg.smooth_inputs and not stream.smoothable:
+            self.not_applied.append(f"{stream.site}: smoothing (a weight-free RMSNorm precedes {stream.reader})")
+        s = self.smoothing(site, reader) if smooth else None
+        m, m_inv = smooth_then_rotate(s, self.rotation(_scaled_covariance(site, s), stream.dimension), site.channels)
+        fold_stream_transform(m, m_inv, writers=[(self.module(w), rows) for w, rows in stream.writers],
+                              readers=[reader])
+
+    def state_stream(self, stream: StateStream) -> None:
+        """h·C along the state dimension: C·s and B/s leave Σ_n h_n C_n unchanged (the decay is
+        elementwise in n), folded into x_proj's B and C rows."""
+        if not self.cfg.smooth_state:
+            return
+        if not stream.smoothable:
+            self.not_applied.append(f"{stream.b_site}, {stream.c_site}: state smoothing (B and C are RMS-normalised)")
+            return
+        s = smoothing_scales(self.site(stream.b_site).absmax, self.site(stream.c_site).absmax, self.cfg.alpha)
+        x_proj = self.module(stream.x_proj)
+        x_proj.weight.data[stream.b_rows] /= s[:, None]
+        x_proj.weight.data[stream.c_rows] *= s[:, None]
+
+    def gated_stream(self, stream: GatedStream) -> None:
+        """out_proj input: S-SiLU smoothing (z-rows of in_proj / s, gate σ(s⊙z)), then an online rotation."""
+        mixer, prefix = self.module(stream.mixer), stream.mixer + "."
+        d_inner = mixer.cfg.d_inner
         site = self.site(prefix + "sites.out_proj")
-        s = self.smoothing(site, mixer.out_proj) if cfg.smooth_gate else None
+        s = self.smoothing(site, mixer.out_proj) if self.cfg.smooth_gate else None
         rot = self.rotation(_scaled_covariance(site, s), "d_inner")
         if s is not None:
             if mixer.gate_scale is not None:
@@ -179,79 +193,59 @@ class _Transformer:
         m, m_inv = smooth_then_rotate(s, rot, d_inner)
         fold_stream_transform(m, m_inv, readers=[mixer.out_proj])
 
-    def classifier(self, model: MambaSequenceClassifier) -> None:
+    def normed_stream(self, stream: NormedStream) -> None:
+        """Smoothing folds into each norm's weight (and bias). A rotation turns every norm into a
+        weight-free RMSNorm (γ into its reader; a centrable LayerNorm by centring the writer), which
+        commutes with it: one rotation for the whole stream, fitted to every reader's normalised input."""
         cfg = self.cfg
-        for i, layer in enumerate(model.layers):
-            self.mixer(layer, f"layers.{i}.")
-        # The d_model stream before each layer: input_proj / previous out_proj → in_proj.
-        for i, layer in enumerate(model.layers):
-            writer = model.input_proj if i == 0 else model.layers[i - 1].out_proj
-            site = self.site(f"layers.{i}.sites.in_proj")
-            s = self.smoothing(site, layer.in_proj) if cfg.smooth_inputs else None
-            m, m_inv = smooth_then_rotate(s, self.rotation(_scaled_covariance(site, s), "d_model"), site.channels)
-            fold_stream_transform(m, m_inv, writers=[(writer, slice(None))], readers=[layer.in_proj])
-        # The classifier input, after mean → LayerNorm.
-        site, last = self.site("sites.classifier"), model.layers[-1].out_proj
-        if cfg.rotation is not None:
-            norm = model.norm
-            gamma = norm.weight.data if norm.weight is not None else torch.ones_like(site.mean)
-            # Covariance of the affine-free normalised input (x − β)/γ, which the rotation sees
-            # (the shift by β does not change it).
-            rot = self.rotation(site.covariance / (gamma[:, None] * gamma[None, :]).clamp_min(1e-12), "d_model")
-            model.norm = layernorm_to_rmsnorm(norm, last, model.classifier)
-            fold_stream_transform(rot, rot.T, writers=[(last, slice(None))], readers=[model.classifier])
-        elif cfg.smooth_inputs:
-            s = self.smoothing(site, model.classifier)
-            model.norm.weight.data /= s
-            model.norm.bias.data /= s
-            model.classifier.weight.data *= s[None, :]
-
-    def language_model(self, model: MambaLMHeadModel) -> None:
-        cfg, backbone = self.cfg, model.backbone
-        prefixes = [f"backbone.layers.{i}.mixer." for i in range(len(backbone.layers))]
-        for block, prefix in zip(backbone.layers, prefixes):
-            self.mixer(block.mixer, prefix)
-        norms = [(b.norm, b.mixer.in_proj, p + "sites.in_proj") for b, p in zip(backbone.layers, prefixes)]
-        norms.append((backbone.norm_f, model.lm_head, "sites.lm_head"))
         if cfg.rotation is None and not cfg.smooth_inputs:
             return
-        # Untie: the embedding and lm_head are transformed differently.
-        model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())
+        readers = [(self.module(r.norm), self.module(r.reader), self.site(r.site), r.norm) for r in stream.readers]
+        embeddings = [self.module(e) for e in stream.embeddings]
+        for _, reader, _, _ in readers:   # untie: a reader sharing an embedding's weight is transformed differently
+            if any(reader.weight is e.weight for e in embeddings):
+                reader.weight = nn.Parameter(reader.weight.detach().clone())
         if cfg.rotation is None:
-            for norm, reader, name in norms:   # smoothing folds into each norm's weight (and bias)
-                s = self.smoothing(self.site(name), reader)
+            for norm, reader, site, _ in readers:
+                s = self.smoothing(site, reader)
                 norm.weight.data /= s
                 if getattr(norm, "bias", None) is not None:
                     norm.bias.data /= s
                 reader.weight.data *= s[None, :]
             return
-        if not all(isinstance(norm, RMSNorm) for norm, _, _ in norms):
-            raise MQExportError("rotating a language model needs RMSNorm (rms_norm=True); this one uses LayerNorm")
-        # One rotation for the whole residual stream: fold each norm's weight into its reader, so
-        # RMSNorm(x·R) = RMSNorm(x)·R; the KLT uses the normalised inputs of every reader.
+        for norm, _, _, name in readers:
+            if not isinstance(norm, RMSNorm) and not (stream.centrable and len(stream.writers) == 1):
+                raise MQExportError(f"rotating {stream.what} needs RMSNorm; {name} is a {type(norm).__name__} "
+                                    f"(a language model: rms_norm=True)")
+        # Covariance of each reader's affine-free normalised input (x − β)/γ, which the rotation sees
+        # (the shift by β does not change it).
         covariance = 0
-        for norm, reader, name in norms:
-            gamma = norm.weight.data
-            covariance = covariance + self.site(name).covariance / (gamma[:, None] * gamma[None, :]).clamp_min(1e-12)
-            reader.weight.data = reader.weight.data * gamma[None, :]
-            norm.weight.data = torch.ones_like(gamma)
-        rot = self.rotation(covariance, "d_model")
-        fold_stream_transform(rot, rot.T, writers=[(b.mixer.out_proj, slice(None)) for b in backbone.layers],
-                              readers=[reader for _, reader, _ in norms], embeddings=[backbone.embedding])
+        for norm, _, site, _ in readers:
+            gamma = norm.weight.data if norm.weight is not None else torch.ones_like(site.mean)
+            covariance = covariance + site.covariance / (gamma[:, None] * gamma[None, :]).clamp_min(1e-12)
+        rot = self.rotation(covariance, stream.dimension)
+        writers = [self.module(w) for w in stream.writers]
+        for norm, reader, _, name in readers:
+            if isinstance(norm, RMSNorm):
+                reader.weight.data = reader.weight.data * norm.weight.data[None, :]
+                norm.weight.data = torch.ones_like(norm.weight.data)
+            else:
+                self.model.set_submodule(name, layernorm_to_rmsnorm(norm, writers[0], reader))
+        fold_stream_transform(rot, rot.T, writers=[(w, slice(None)) for w in writers],
+                              readers=[reader for _, reader, _, _ in readers], embeddings=embeddings)
 
 
 def apply_transforms(model: nn.Module, stats: CalibrationStats, cfg: TransformConfig) -> tuple[nn.Module, dict]:
     """A transformed deep copy of `model` (never mutated) and a description of what was done."""
     if cfg.rotation not in (None, *ROTATIONS):
         raise MQExportError(f"unknown rotation {cfg.rotation!r}; choose from {', '.join(ROTATIONS)}")
+    streams = family_of(model).topology
     out = copy.deepcopy(model).double()
-    t = _Transformer(stats, cfg)
+    t = _Transformer(out, stats, cfg)
     with torch.no_grad():
-        if isinstance(out, MambaSequenceClassifier):
-            t.classifier(out)
-        elif isinstance(out, MambaLMHeadModel):
-            t.language_model(out)
-        else:
-            raise MQExportError(f"no transforms for model type {type(out).__name__}")
+        for stream in streams(out):
+            t.apply(stream)
     info = {**asdict(cfg), "online": t.online}
+    if t.not_applied:   # the family's topology forbids a transform the method asks for
+        info["not_applied"] = t.not_applied
     return out.float(), info

@@ -37,10 +37,20 @@ InputShapes = dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
 
 @dataclass(frozen=True)
 class OutputComparison:
+    """One output of an engine against ONNX Runtime's: passed when max |trt − ort| <= atol + rtol · max |ort|."""
     name: str
     max_abs_error: float
     max_reference: float
     passed: bool
+
+    @classmethod
+    def of(cls, name: str, got: np.ndarray, expected: np.ndarray, rtol: float = 1e-2,
+           atol: float = 1e-3) -> OutputComparison:
+        import numpy as np
+
+        max_error = float(np.abs(got.astype(np.float32) - expected.astype(np.float32)).max(initial=0.0))
+        max_reference = float(np.abs(expected.astype(np.float32)).max(initial=0.0))
+        return cls(name, max_error, max_reference, max_error <= atol + rtol * max_reference)
 
 
 def parse_profile(text: str) -> dict[str, DimRange]:
@@ -190,60 +200,59 @@ def build_engine(onnx_path: str | Path, plugin_path: str | Path, out_path: str |
     return out
 
 
-def validate_engine(engine_path: str | Path, plugin_path: str | Path, onnx_path: str | Path,
-                    inputs: Mapping[str, np.ndarray], rtol: float = 1e-2, atol: float = 1e-3
-                    ) -> list[OutputComparison]:
-    """Runs the engine and the ONNX model (ONNX Runtime, local function bodies) on `inputs`
-    and compares every output: passed when max |trt - ort| <= atol + rtol * max |ort|."""
-    import numpy as np
+class EngineForward:
+    """A logits function over a TensorRT engine (`evaluate.Forward`: torch batch in, CPU torch
+    logits out), so an engine is scored over a split like every other backend. The engine's
+    single input and output are those of export's model.onnx."""
 
-    load_onnx(onnx_path)
-    trt = _tensorrt()
-    if not Path(engine_path).is_file():
-        raise MQExportError(f"engine file not found: {engine_path} (build it with mq-export build-engine)")
-    import torch
+    def __init__(self, engine_path: str | Path, plugin_path: str | Path) -> None:
+        trt = _tensorrt()
+        if not Path(engine_path).is_file():
+            raise MQExportError(f"engine file not found: {engine_path} (build it with mq-export build-engine)")
+        import numpy as np
+        import torch
 
-    if not torch.cuda.is_available():
-        raise MQExportError("validating an engine needs a CUDA device")
-    from mq_export.runtime.ort import session
+        if not torch.cuda.is_available():
+            raise MQExportError("running an engine needs a CUDA device")
+        _load_plugin(trt, plugin_path)
+        self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(
+            Path(engine_path).read_bytes())
+        if self.engine is None:
+            raise MQExportError(f"TensorRT could not load engine {engine_path} (built by another TensorRT version "
+                                f"or device?)")
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        outputs = [n for n in names if n not in inputs]
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise MQExportError(f"{engine_path} has {len(inputs)} inputs and {len(outputs)} outputs; engines of "
+                                f"export's model.onnx have one of each")
+        (self.input_name,), (self.output_name,) = inputs, outputs
+        # The largest batch the first optimization profile accepts: callers batch no larger.
+        self.max_batch = self.engine.get_tensor_profile_shape(self.input_name, 0)[2][0]
+        self.output_dtype = torch.from_numpy(
+            np.empty(0, dtype=trt.nptype(self.engine.get_tensor_dtype(self.output_name)))).dtype
+        self.context = self.engine.create_execution_context()
+        self.engine_path = engine_path
 
-    reference_session = session(onnx_path)   # Q/DQ as the graph means them on any CPU (ort.int8_matmul_policy)
-    output_names = [output.name for output in reference_session.get_outputs()]
-    references = dict(zip(output_names, reference_session.run(output_names, dict(inputs))))
+    def __call__(self, x):
+        import torch
 
-    _load_plugin(trt, plugin_path)
-    logger = trt.Logger(trt.Logger.WARNING)
-    engine = trt.Runtime(logger).deserialize_cuda_engine(Path(engine_path).read_bytes())
-    if engine is None:
-        raise MQExportError(f"TensorRT could not load engine {engine_path} (built by another TensorRT version or device?)")
-    context = engine.create_execution_context()
-    device_tensors = {}
-    for name, array in inputs.items():
-        device_tensors[name] = torch.from_numpy(np.ascontiguousarray(array)).cuda()
-        context.set_input_shape(name, tuple(array.shape))
-    for name in output_names:
-        dtype = torch.from_numpy(np.empty(0, dtype=trt.nptype(engine.get_tensor_dtype(name)))).dtype
-        device_tensors[name] = torch.empty(tuple(context.get_tensor_shape(name)), dtype=dtype, device="cuda")
-    for name, tensor in device_tensors.items():
-        context.set_tensor_address(name, tensor.data_ptr())
-    stream = torch.cuda.current_stream()
-    if not context.execute_async_v3(stream.cuda_stream):
-        raise MQExportError(f"TensorRT failed to run {engine_path}")
-    stream.synchronize()
-
-    comparisons = []
-    for name in output_names:
-        got = device_tensors[name].float().cpu().numpy()
-        expected = references[name].astype(np.float32)
-        max_error = float(np.abs(got - expected).max(initial=0.0))
-        max_reference = float(np.abs(expected).max(initial=0.0))
-        comparisons.append(OutputComparison(name, max_error, max_reference, max_error <= atol + rtol * max_reference))
-    return comparisons
+        x = x.contiguous().cuda()
+        self.context.set_input_shape(self.input_name, tuple(x.shape))
+        out = torch.empty(tuple(self.context.get_tensor_shape(self.output_name)), dtype=self.output_dtype,
+                          device="cuda")
+        self.context.set_tensor_address(self.input_name, x.data_ptr())
+        self.context.set_tensor_address(self.output_name, out.data_ptr())
+        stream = torch.cuda.current_stream()
+        if not self.context.execute_async_v3(stream.cuda_stream):
+            raise MQExportError(f"TensorRT failed to run {self.engine_path}")
+        stream.synchronize()
+        return out.float().cpu()
 
 
 def equivalent_commands(onnx_path: str | Path, plugin_path: str | Path, out_path: str | Path, fp16: bool = False,
                         profile: Profile | None = None) -> dict[str, str]:
-    """trtexec and polygraphy command lines doing what build_engine/validate_engine do (one profile)."""
+    """trtexec and polygraphy command lines doing what build_engine and `validate --engine` do (one profile)."""
     model = load_onnx(onnx_path)
     dynamic = {name: s for name, s in input_shapes(model, profile or {}).items() if s[0] != s[2]}
     precision = ["--stronglyTyped"] if is_quantized(model) else (["--fp16"] if fp16 else [])

@@ -31,7 +31,6 @@ from torch import Tensor
 from ..errors import MQExportError
 from ..ops.spec import SCAN_DOMAIN, SCAN_OP_TYPE, SelectiveScanSpec
 
-_KERNEL_CALLS = {"count": 0}       # how often the registered kernel ran (tests read this)
 _REGISTERED: dict[int, object] = {}
 
 
@@ -48,7 +47,6 @@ def scan_spec_of(model: onnx.ModelProto) -> SelectiveScanSpec | None:
 def _scan_kernel(u, delta, A, B, C, *rest, **attrs):
     from ..ops.selective_scan import selective_scan
 
-    _KERNEL_CALLS["count"] += 1
     spec = SelectiveScanSpec(**{k: bool(attrs[k]) for k in (
         "delta_softplus", "has_D", "has_z", "has_delta_bias", "has_initial_state", "return_last_state")})
     optional = dict(zip(spec.input_names()[5:], rest))
@@ -242,7 +240,3 @@ class OrtForward:
     def __call__(self, x: Tensor) -> Tensor:
         feed = {self.input_name: x.detach().cpu().numpy()}
         return torch.from_numpy(self.session.run([self.output_name], feed)[0])
-
-
-def kernel_calls() -> int:
-    return _KERNEL_CALLS["count"]

@@ -1,0 +1,53 @@
+"""The model-family adapter: everything the pipeline knows about one family of models.
+
+One `ModelFamily` object per family, listed in models/registry.py. Later stages ask the registry
+(`family_of(model)`, `family_for_config(config)`) instead of testing model classes: the loader
+for how a checkpoint maps to the model, calibration for what its inputs look like, the transforms
+for its topology, the exporter for its example inputs and ONNX names, the decoder for its state.
+"""
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from ..errors import MQExportError
+from .topology import Stream
+
+CLASSIFICATION, LANGUAGE_MODEL = "classification", "language-model"
+
+
+class ModelFamily:
+    name: str
+    model_class: type[nn.Module]
+    task: str                                   # CLASSIFICATION or LANGUAGE_MODEL: its inputs and metrics
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...] = ("logits",)
+    dynamic_axes: dict[str, dict[int, str]]     # ONNX name → {axis: dimension name}
+    hf_model_types: tuple[str, ...] = ()        # config.json "model_type" values it loads
+    # Stateful decoding: the per-layer state tensors' kinds, in feed order; () when it has none.
+    state_kinds: tuple[str, ...] = ()
+
+    def example_inputs(self, model: nn.Module, batch: int, length: int, generator) -> tuple[Tensor, ...]:
+        raise NotImplementedError
+
+    def check_inputs(self, model: nn.Module, inputs: Tensor, what: str) -> Tensor:
+        """`inputs` checked against what `model` reads (`what` names them in errors), in the
+        dtype the model computes with."""
+        raise NotImplementedError
+
+    def topology(self, model: nn.Module) -> list[Stream]:
+        raise MQExportError(f"{self.name} models have no transform topology")
+
+    def state_layers(self, model: nn.Module) -> int:
+        """How many layers carry decode state (`state_kinds` each)."""
+        raise MQExportError(f"{self.name} models have no decode state")
+
+    # Loading from a config.json directory. `read` is the loader's typed reader of config.json
+    # (integer / boolean / positive_float / integer_or_auto / section, .values: the raw dict);
+    # `source` the checkpoint directory, for errors.
+    hf_renames: dict[str, str] = {}             # HF state-dict name prefix → this package's
+
+    def config_from_hf(self, read, source) -> object:
+        raise MQExportError(f"{source}: {self.name} models do not load from an HF config.json")
+
+    def build(self, cfg) -> nn.Module:
+        return self.model_class(cfg)
