@@ -2,12 +2,14 @@
 
     load → calibrate → quantize → export_onnx → validate
 
-The CLI only wires these together.
+A model of your own: convert_mamba_mixers → calibrate → quantize → export_module. The CLI only
+wires these together.
 """
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -15,9 +17,12 @@ from torch import Tensor, nn
 from .load.bundled import BUNDLED, bundled
 from .quant.calibrate import CalibrationStats
 from .quant.calibrate import calibrate as _calibrate
+from .quant.calibrate import recorded_inputs, stacked_batches
 from .load.data import Split
+from .errors import MQExportError
 from .evaluate import Forward, batched_logits
 from .load.checkpoints import load_checkpoint
+from .models.convert import convert_mamba_mixers  # noqa: F401  (a stage of its own: bring your own model)
 from .quant.methods import METHODS, QuantConfig  # noqa: F401  (METHODS: the method registry, for API users)
 from .quant.quantize import quantize as _quantize
 
@@ -30,13 +35,23 @@ def load(model: str | Path = "mnist") -> nn.Module:
     return load_checkpoint(model)
 
 
-def calibrate(model: nn.Module, calib: Split | Tensor, exclude: tuple[Split, ...] = (), batch_size: int = 64,
-              selection_samples: int = 256, quiet: bool = False, covariance: bool = True) -> CalibrationStats:
+def calibrate(model: nn.Module, calib: Split | Tensor | Iterable[Tensor] | None = None, exclude: tuple[Split, ...] = (),
+              batch_size: int = 64, selection_samples: int = 256, quiet: bool = False, covariance: bool = True,
+              forward_loop: Callable[[nn.Module], object] | None = None) -> CalibrationStats:
     """Stream calibration data once through the FP model, collecting what the transforms and
-    quantizers need. `calib`: a Split or a tensor of model inputs; `exclude`: the evaluation
-    split(s) it must not overlap. Refuses empty, NaN/Inf or overlapping data. `covariance=False`
-    skips the per-site d×d second moments (`QuantConfig.needs_covariance` says when they are
-    needed; for a large model they are the biggest part of calibration's memory)."""
+    quantizers need. `calib`: a Split, a tensor of model inputs, or an iterable of input batches
+    (one shape beyond the batch dimension); or instead `forward_loop`, a function that runs the
+    model on its calibration data (each call with one input tensor; they are recorded, because
+    quantize runs the model on them again). `exclude`: the evaluation split(s) it must not overlap.
+    Refuses empty, NaN/Inf or overlapping data. `covariance=False` skips the per-site d×d second
+    moments (`QuantConfig.needs_covariance` says when they are needed; for a large model they are
+    the biggest part of calibration's memory)."""
+    if (calib is None) == (forward_loop is None):
+        raise MQExportError("calibrate needs calibration data or a forward_loop (one of them)")
+    if forward_loop is not None:
+        calib = recorded_inputs(model, forward_loop)
+    elif not isinstance(calib, (Split, Tensor)):
+        calib = stacked_batches(calib, "the calibration batches")
     if isinstance(calib, Tensor):
         calib = Split("calibration inputs", calib, torch.zeros(len(calib), dtype=torch.int64))
     return _calibrate(model, calib, tuple(exclude), batch_size, selection_samples, quiet, covariance)
@@ -56,9 +71,19 @@ def quantize(model: nn.Module, stats: CalibrationStats, config: QuantConfig | No
 def export_onnx(model: nn.Module, path: str | Path, opset: int | None = None) -> dict:
     """Write `model` (fp32 or fake-quantized) to an ONNX file: one SelectiveScan node + local
     function per scan, Q/DQ at the quant sites, dynamic batch/length. Returns what was exported
-    (opset, scan variant, Q/DQ sites, weight storage). Any other module: `export.export_module`."""
+    (opset, scan variant, Q/DQ sites, weight storage). Any other module: `export_module`."""
     from .export.onnx import export_onnx as _export_onnx
     return _export_onnx(model, path, opset=opset)[1].to_dict()
+
+
+def export_module(model: nn.Module, args: tuple, path: str | Path, *, input_names: Sequence[str],
+                  output_names: Sequence[str], dynamic_axes: dict[str, dict[int, str]] | None = None,
+                  opset: int | None = None) -> dict:
+    """`export_onnx` for any module (your own, after `convert_mamba_mixers`): `model(*args)` traced
+    with your example inputs, ONNX input/output names and dynamic axes ({name: {axis: dim name}})."""
+    from .export.onnx import export_module as _export_module
+    return _export_module(model, args, path, input_names=input_names, output_names=output_names,
+                          dynamic_axes=dynamic_axes, opset=opset)[1].to_dict()
 
 
 def onnxruntime_forward(path: str | Path, scan_kernel: bool = False) -> Forward:

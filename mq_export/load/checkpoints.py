@@ -16,7 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import MQExportError
-from ..models.mamba import ClassifierConfig, LMConfig, MambaLMHeadModel, MambaSequenceClassifier, MixerConfig
+from ..models.mamba import (ClassifierConfig, LMConfig, MambaLMHeadModel, MambaSequenceClassifier,
+                            mixer_config_from_state, state_dims)
 from ..models.family import ModelFamily
 from ..models.registry import MAMBA_LM, family_for_config
 
@@ -88,31 +89,6 @@ def _load_strict(model: nn.Module, state: dict[str, Tensor], source: Path) -> No
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
 
 
-def _dims(state: dict[str, Tensor], key: str, layout: tuple[str, ...], source: Path) -> tuple[int, ...]:
-    """The shape of `state[key]`, checked to have one non-empty dimension per name in `layout`."""
-    if key not in state:
-        raise MQExportError(f"{source} is not a Mamba checkpoint: no {key}")
-    shape = tuple(state[key].shape)
-    if len(shape) != len(layout) or 0 in shape:
-        raise MQExportError(f"{source}: {key} has shape {shape}; expected a {len(layout)}-D tensor "
-                            f"({', '.join(layout)}) with no empty dimension")
-    return shape
-
-
-def _mixer_config_from_state(state: dict[str, Tensor], prefix: str, source: Path) -> MixerConfig:
-    """Infer a mixer's sizes from its weights (mamba-ssm stores none of them for the classifier)."""
-    d_inner2, d_model = _dims(state, f"{prefix}in_proj.weight", ("2·d_inner", "d_model"), source)
-    d_inner, d_state = _dims(state, f"{prefix}A_log", ("d_inner", "d_state"), source)
-    d_conv = _dims(state, f"{prefix}conv1d.weight", ("d_inner", "1", "d_conv"), source)[-1]
-    rank = _dims(state, f"{prefix}dt_proj.weight", ("d_inner", "dt_rank"), source)[1]
-    if d_inner2 != 2 * d_inner or d_inner % d_model:
-        raise MQExportError(f"{source}: in_proj {d_inner2}x{d_model} and A_log {d_inner}x{d_state} "
-                            f"do not describe a Mamba-1 mixer")
-    return MixerConfig(d_model=d_model, d_state=d_state, d_conv=d_conv, expand=d_inner // d_model,
-                       dt_rank=rank, conv_bias=f"{prefix}conv1d.bias" in state,
-                       bias=f"{prefix}in_proj.bias" in state)
-
-
 def load_classifier(path: str | Path = BUNDLED_CLASSIFIER) -> MambaSequenceClassifier:
     """A checkpoint of the bundled classifier's family; layers and sizes inferred from the weights."""
     path = Path(path)
@@ -123,9 +99,9 @@ def load_classifier(path: str | Path = BUNDLED_CLASSIFIER) -> MambaSequenceClass
                             f"(no input_proj/layers.N weights); for a language model pass its directory")
     if "classifier.weight" not in state:
         raise MQExportError(f"{path} is not a Mamba sequence-classifier checkpoint: no classifier.weight")
-    cfg = ClassifierConfig(mixer=_mixer_config_from_state(state, "layers.0.", path), n_layers=len(layer_ids),
-                           d_input=_dims(state, "input_proj.weight", ("d_model", "d_input"), path)[1],
-                           n_classes=_dims(state, "classifier.weight", ("n_classes", "d_model"), path)[0])
+    cfg = ClassifierConfig(mixer=mixer_config_from_state(state, "layers.0.", path), n_layers=len(layer_ids),
+                           d_input=state_dims(state, "input_proj.weight", ("d_model", "d_input"), path)[1],
+                           n_classes=state_dims(state, "classifier.weight", ("n_classes", "d_model"), path)[0])
     model = MambaSequenceClassifier(cfg)
     _load_strict(model, state, path)
     return model.eval()

@@ -13,12 +13,13 @@ from ..errors import MQExportError
 from .topology import Stream
 
 CLASSIFICATION, LANGUAGE_MODEL = "classification", "language-model"
+CUSTOM = "custom"   # a user's own module with converted mixers: its data and metrics are the user's
 
 
 class ModelFamily:
     name: str
     model_class: type[nn.Module]
-    task: str                                   # CLASSIFICATION or LANGUAGE_MODEL: its inputs and metrics
+    task: str                                   # CLASSIFICATION, LANGUAGE_MODEL or CUSTOM: its inputs and metrics
     input_names: tuple[str, ...]
     output_names: tuple[str, ...] = ("logits",)
     dynamic_axes: dict[str, dict[int, str]]     # ONNX name → {axis: dimension name}

@@ -42,6 +42,33 @@ class MixerConfig:
         return MambaMixer(self)
 
 
+def state_dims(state: dict[str, Tensor], key: str, layout: tuple[str, ...], source) -> tuple[int, ...]:
+    """The shape of `state[key]`, checked to have one non-empty dimension per name in `layout`."""
+    if key not in state:
+        raise MQExportError(f"{source} is not a Mamba checkpoint: no {key}")
+    shape = tuple(state[key].shape)
+    if len(shape) != len(layout) or 0 in shape:
+        raise MQExportError(f"{source}: {key} has shape {shape}; expected a {len(layout)}-D tensor "
+                            f"({', '.join(layout)}) with no empty dimension")
+    return shape
+
+
+def mixer_config_from_state(state: dict[str, Tensor], prefix: str, source) -> MixerConfig:
+    """A Mamba-1 mixer's sizes inferred from its weights under `prefix` (mamba-ssm's parameter names;
+    neither the classifier checkpoints nor a mamba-ssm `Mamba` module record them otherwise).
+    `source` names the weights in errors (a file, a module)."""
+    d_inner2, d_model = state_dims(state, f"{prefix}in_proj.weight", ("2·d_inner", "d_model"), source)
+    d_inner, d_state = state_dims(state, f"{prefix}A_log", ("d_inner", "d_state"), source)
+    d_conv = state_dims(state, f"{prefix}conv1d.weight", ("d_inner", "1", "d_conv"), source)[-1]
+    rank = state_dims(state, f"{prefix}dt_proj.weight", ("d_inner", "dt_rank"), source)[1]
+    if d_inner2 != 2 * d_inner or d_inner % d_model:
+        raise MQExportError(f"{source}: in_proj {d_inner2}x{d_model} and A_log {d_inner}x{d_state} "
+                            f"do not describe a Mamba-1 mixer")
+    return MixerConfig(d_model=d_model, d_state=d_state, d_conv=d_conv, expand=d_inner // d_model,
+                       dt_rank=rank, conv_bias=f"{prefix}conv1d.bias" in state,
+                       bias=f"{prefix}in_proj.bias" in state)
+
+
 # A Mamba-1 layer's whole memory: (conv_state (b, d_inner, d_conv − 1), ssm_state (b, d_inner, d_state)).
 LayerState = tuple[Tensor, Tensor]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import MQExportError
+from .convert import CustomModelFamily, contains_mixers
 from .falcon_mamba import FalconMambaFamily
 from .family import LANGUAGE_MODEL, ModelFamily
 from .mamba import MambaLMFamily, SequenceClassifierFamily
@@ -12,11 +13,13 @@ FAMILIES: tuple[ModelFamily, ...] = (SequenceClassifierFamily(), MambaLMFamily()
 _BY_CLASS = {family.model_class: family for family in FAMILIES}
 HF_MODEL_TYPES = {model_type: family for family in FAMILIES for model_type in family.hf_model_types}
 MAMBA_LM = _BY_CLASS[MambaLMFamily.model_class]
+CUSTOM_MODEL = CustomModelFamily()
 
 
 def family_of(model: nn.Module, required: bool = True) -> ModelFamily | None:
-    """The family of `model` (its exact class); None, or with `required` an error, for any other module."""
-    family = _BY_CLASS.get(type(model))
+    """The family of `model` (its exact class), else the custom family when it contains this package's
+    mixers (`convert_mamba_mixers`); None, or with `required` an error, for any other module."""
+    family = _BY_CLASS.get(type(model)) or (CUSTOM_MODEL if contains_mixers(model) else None)
     if family is None and required:
         known = ", ".join(f.model_class.__name__ for f in FAMILIES)
         raise MQExportError(f"{type(model).__name__} is not a model family mq-export knows ({known})")

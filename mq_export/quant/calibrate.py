@@ -14,6 +14,7 @@ import itertools
 import math
 import re
 from dataclasses import dataclass
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -223,6 +224,43 @@ def model_inputs(model: nn.Module, inputs: Tensor, what: str) -> Tensor:
     a module of no known family gets them unchecked."""
     family = family_of(model, required=False)
     return inputs if family is None else family.check_inputs(model, inputs, what)
+
+
+def recorded_inputs(model: nn.Module, forward_loop: Callable[[nn.Module], object]) -> Tensor:
+    """The inputs `forward_loop(model)` feeds `model`'s top-level forward, as one tensor: the
+    quantize stage runs the model on them again (ranges after transforms, `auto` calibrator
+    selection), so each call must pass one input tensor, and all of one shape beyond the batch."""
+    batches: list[Tensor] = []
+
+    def record(_module, args, kwargs):
+        if len(args) != 1 or kwargs or not isinstance(args[0], Tensor):
+            raise MQExportError(f"the forward loop called {type(model).__name__} with {len(args)} positional and "
+                                f"{len(kwargs)} keyword arguments; calibration records one input tensor per call")
+        batches.append(args[0].detach().clone())
+
+    handle = model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            forward_loop(model)
+    finally:
+        handle.remove()
+    return stacked_batches(batches, "the forward loop")
+
+
+def stacked_batches(batches: Iterable[Tensor], what: str) -> Tensor:
+    """Calibration batches (each (n, …), one shape beyond the batch dimension) as one tensor."""
+    batches = list(batches)
+    if not batches:
+        raise MQExportError(f"{what} gave no calibration inputs")
+    bad = next((b for b in batches if not isinstance(b, Tensor) or b.dim() == 0), None)
+    if bad is not None:
+        got = f"a {type(bad).__name__}" if not isinstance(bad, Tensor) else "a 0-D tensor"
+        raise MQExportError(f"{what} must give input tensors with a batch dimension (n, …), got {got}")
+    shapes = sorted({tuple(b.shape[1:]) for b in batches})
+    if len(shapes) > 1:
+        raise MQExportError(f"{what} gave calibration inputs of several shapes beyond the batch dimension "
+                            f"({shapes[:3]}); give them one shape (pad or crop them)")
+    return torch.cat(batches)
 
 
 def calibrate(model: nn.Module, split: Split, exclude: tuple[Split, ...] = (), batch_size: int = 64,
