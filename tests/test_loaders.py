@@ -103,8 +103,8 @@ def test_unsupported_lm_configs(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(MQExportError, match="only Mamba-1"):
         load_lm(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mamba2", "hidden_size": 8}))
-    with pytest.raises(MQExportError, match="model_type 'mamba2' is not supported"):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bamba", "hidden_size": 8}))
+    with pytest.raises(MQExportError, match="model_type 'bamba' is not supported"):
         load_lm(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(MQExportError, match="not valid JSON"):
@@ -113,7 +113,7 @@ def test_unsupported_lm_configs(tmp_path):
 
 def test_model_types_dispatch_through_the_family_registry(tmp_path):
     from mq_export.models.registry import HF_MODEL_TYPES, family_of
-    assert set(HF_MODEL_TYPES) == {"mamba", "falcon_mamba"}
+    assert set(HF_MODEL_TYPES) == {"mamba", "falcon_mamba", "mamba2"}
     save_mamba_ssm(small_lm(), tmp_path)
     assert family_of(load_lm(tmp_path)).name == "mamba-lm"
     with pytest.raises(MQExportError, match="Linear is not a model family"):

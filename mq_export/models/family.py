@@ -26,6 +26,8 @@ class ModelFamily:
     hf_model_types: tuple[str, ...] = ()        # config.json "model_type" values it loads
     # Stateful decoding: the per-layer state tensors' kinds, in feed order; () when it has none.
     state_kinds: tuple[str, ...] = ()
+    # Why this family cannot be quantized yet (one line for the user); None when it can.
+    quantization_unsupported: str | None = None
 
     def example_inputs(self, model: nn.Module, batch: int, length: int, generator) -> tuple[Tensor, ...]:
         raise NotImplementedError

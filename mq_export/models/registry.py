@@ -8,8 +8,10 @@ from .convert import CustomModelFamily, contains_mixers
 from .falcon_mamba import FalconMambaFamily
 from .family import LANGUAGE_MODEL, ModelFamily
 from .mamba import MambaLMFamily, SequenceClassifierFamily
+from .mamba2 import Mamba2LMFamily
 
-FAMILIES: tuple[ModelFamily, ...] = (SequenceClassifierFamily(), MambaLMFamily(), FalconMambaFamily())
+FAMILIES: tuple[ModelFamily, ...] = (SequenceClassifierFamily(), MambaLMFamily(), FalconMambaFamily(),
+                                     Mamba2LMFamily())
 _BY_CLASS = {family.model_class: family for family in FAMILIES}
 HF_MODEL_TYPES = {model_type: family for family in FAMILIES for model_type in family.hf_model_types}
 MAMBA_LM = _BY_CLASS[MambaLMFamily.model_class]

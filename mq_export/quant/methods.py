@@ -15,6 +15,7 @@ from torch import nn
 
 from .. import checks
 from ..errors import MQExportError
+from ..models.registry import family_of
 from .calibrate import CALIBRATORS
 from .transforms import TransformConfig
 
@@ -147,7 +148,11 @@ class QuantConfig:
         return self.w_group_size
 
     def check_model(self, model: nn.Module) -> None:
-        """The checks that need the model, run before calibration: every Linear's block size."""
+        """The checks that need the model, run before calibration: that its family can be
+        quantized, and every Linear's block size."""
+        family = family_of(model, required=False)
+        if family is not None and family.quantization_unsupported:
+            raise MQExportError(family.quantization_unsupported)
         for module in model.modules():
             if isinstance(module, nn.Linear):
                 self.group_size_for(module.in_features)
