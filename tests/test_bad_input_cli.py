@@ -162,7 +162,7 @@ def _pickle_with_protocol_4(path):
 @pytest.mark.parametrize("model, make_file, message", [
     ("lm", lambda p: np.save(p.with_suffix(".npy"), np.zeros((0, 8), np.int64)), "is empty (got torch.int64 (0, 8))"),
     ("lm", lambda p: np.save(p.with_suffix(".npy"), np.zeros((4, 0), np.int64)), "is empty (got torch.int64 (4, 0))"),
-    ("lm", lambda p: np.save(p.with_suffix(".npy"), np.ones((2, 8), np.complex64)), "takes int token ids (n, L), "
+    ("lm", lambda p: np.save(p.with_suffix(".npy"), np.ones((2, 8), np.complex64)), "reads integer token ids (n, L), "
      "got torch.complex64"),
     ("lm", lambda p: torch.save(torch.ones(2, 8, dtype=torch.bool), p.with_suffix(".pt")), "got torch.bool"),
     ("classifier", lambda p: np.save(p.with_suffix(".npy"), np.zeros((4, 0, 1), np.float32)), "is empty"),

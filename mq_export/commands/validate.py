@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..errors import MQExportError
+from ..errors import MQExportError, error_reason
 from ..evaluate import batched_logits
 
 ONNX_NAME = "model.onnx"
@@ -252,8 +252,7 @@ def load_calibration_file(path: str | Path, model: nn.Module, role: str = "calib
     """Inputs for a user's model from a file: .pt (a tensor, or a dict with one) or .npy.
     LMs: int token ids (n, L); classifiers: float inputs (n, L, d_input); at least one sample of
     length >= 1. `role` names the file in errors (export's calibration file, validate's --data)."""
-    from ..load.checkpoints import _error_reason
-    from ..models.registry import is_language_model
+    from ..quant.calibrate import model_inputs
 
     path = Path(path)
     if not path.is_file():
@@ -277,23 +276,12 @@ def load_calibration_file(path: str | Path, model: nn.Module, role: str = "calib
     except MQExportError:
         raise
     except Exception as exc:
-        raise MQExportError(f"cannot read {role} {path} ({_error_reason(exc)})") from None
+        raise MQExportError(f"cannot read {role} {path} ({error_reason(exc)})") from None
     if not isinstance(data, Tensor):
         raise MQExportError(f"{role} {path} does not hold a tensor")
     found = f"got {data.dtype} {tuple(data.shape)}"
-    if is_language_model(model):
-        if data.dim() != 2 or data.is_floating_point() or data.is_complex() or data.dtype == torch.bool:
-            raise MQExportError(f"{role} {path}: a language model takes int token ids (n, L), {found}")
-        expected = "token ids (n, L)"
-        data = data.long()
-        if data.numel() and (data.min() < 0 or data.max() >= model.cfg.vocab_size):
-            raise MQExportError(f"{role} {path}: token ids outside [0, {model.cfg.vocab_size})")
-    else:
-        if data.dim() != 3 or data.shape[-1] != model.cfg.d_input or not data.is_floating_point():
-            raise MQExportError(f"{role} {path}: this classifier takes float inputs (n, L, "
-                                f"{model.cfg.d_input}), {found}")
-        expected = f"inputs (n, L, {model.cfg.d_input})"
-        data = data.float()
+    data = model_inputs(model, data, f"{role} {path}")    # the model's family says what it reads
     if data.numel() == 0:
-        raise MQExportError(f"{role} {path} is empty ({found}); it needs {expected} with n >= 1 and L >= 1")
+        raise MQExportError(f"{role} {path} is empty ({found}); it needs n >= 1 and L >= 1 "
+                            f"(a sample of one step at least)")
     return data

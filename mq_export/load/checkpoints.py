@@ -15,7 +15,7 @@ from typing import Iterable
 import torch
 from torch import Tensor, nn
 
-from ..errors import MQExportError
+from ..errors import MQExportError, error_reason
 from ..models.mamba import (ClassifierConfig, LMConfig, MambaLMHeadModel, MambaSequenceClassifier,
                             mixer_config_from_state, state_dims)
 from ..models.family import ModelFamily
@@ -23,17 +23,6 @@ from ..models.registry import MAMBA_LM, family_for_config
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 BUNDLED_CLASSIFIER = ASSETS / "mnist" / "Mamba_best.pth"
-
-
-def _error_reason(exc: Exception) -> str:
-    """The first sentence of an exception's text, trimmed: why torch/safetensors refused a file."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
-    # torch's weights-only refusal puts a paragraph of advice before the actual reason.
-    _, marker, detail = text.partition("WeightsUnpickler error:")
-    first_line = next((line.strip() for line in (detail if marker else text).splitlines() if line.strip()), "")
-    sentence = first_line.split(". ")[0].rstrip(".")
-    reason = sentence if len(sentence) <= 160 else sentence[:157] + "..."
-    return f"{type(exc).__name__}: {reason}" if reason else type(exc).__name__
 
 
 def _check_checkpoint_file(path: Path) -> None:
@@ -62,7 +51,7 @@ def _read_tensors(path: Path) -> dict[str, Tensor]:
             else:
                 obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch/safetensors raise many types for a file that is not a checkpoint
-        raise MQExportError(f"{path} is not a readable PyTorch/safetensors checkpoint ({_error_reason(exc)}); "
+        raise MQExportError(f"{path} is not a readable PyTorch/safetensors checkpoint ({error_reason(exc)}); "
                             f"pass a .pth/.bin/.safetensors state dict") from None
     if isinstance(obj, dict) and isinstance(obj.get("model_state_dict"), dict):
         obj = obj["model_state_dict"]
@@ -287,7 +276,7 @@ def _read_shard(path: Path, names: list[str]) -> dict[str, Tensor]:
             else:
                 tensors = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch/safetensors raise many types for a file that is not a checkpoint
-        raise MQExportError(f"shard {path} is not a readable PyTorch/safetensors file ({_error_reason(exc)})") from None
+        raise MQExportError(f"shard {path} is not a readable PyTorch/safetensors file ({error_reason(exc)})") from None
     if not isinstance(tensors, dict):
         raise MQExportError(f"shard {path} holds no state dict of tensors")
     absent = [name for name in names if not isinstance(tensors.get(name), Tensor)]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence
 
-from mq_export.errors import MQExportError
+from mq_export.errors import MQExportError, error_reason
 from mq_export.ops.spec import SCAN_OP_TYPE
 
 if TYPE_CHECKING:
@@ -108,8 +108,7 @@ def load_onnx(onnx_path: str | Path):
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf's DecodeError and friends: any unreadable file
-        from mq_export.load.checkpoints import _error_reason
-        raise MQExportError(f"{path} is not an ONNX model ({_error_reason(exc)})") from None
+        raise MQExportError(f"{path} is not an ONNX model ({error_reason(exc)})") from None
     # Protobuf parses many short byte strings (an empty file among them) as a message with no graph.
     if not model.graph.node or not model.graph.output:
         raise MQExportError(f"{path} is not an ONNX model (no graph in it)")
