@@ -1,10 +1,12 @@
 """The one contract between the exporter, ONNX Runtime kernels and the TensorRT plugin.
 
-Every other place (the ONNX exporter, the onnxruntime-extensions kernel, the generated C++
-header the plugin harness reads) derives op names and attributes from here.
+Every other place (the ONNX exporter, the ONNX Runtime kernels, the generated C++ header the
+plugin and its harness read) derives op names, attributes and input order from here. Standard
+library only: the plugin's CMake runs this file with a Python that need not have torch.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 # ONNX domain of the custom node. TensorRT's parser ignores the domain and looks the plugin
@@ -32,6 +34,9 @@ class SelectiveScanSpec:
     has_initial_state: bool = False
     return_last_state: bool = False
 
+    op_type = SCAN_OP_TYPE
+    plugin_version = SCAN_PLUGIN_VERSION
+
     def input_names(self) -> list[str]:
         names = ["u", "delta", "A", "B", "C"]
         for flag, name in ((self.has_D, "D"), (self.has_z, "z"), (self.has_delta_bias, "delta_bias"),
@@ -53,5 +58,61 @@ class SelectiveScanSpec:
             "has_initial_state": int(self.has_initial_state),
             "return_last_state": int(self.return_last_state),
             "plugin_version": SCAN_PLUGIN_VERSION,
+            "plugin_namespace": SCAN_PLUGIN_NAMESPACE,
+        }
+
+
+SSD_OP_TYPE = "SSDScan"
+SSD_PLUGIN_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class SSDScanSpec:
+    """Static settings of one SSDScan node (Mamba-2's scan, mamba-ssm's `mamba_chunk_scan_combined`).
+
+    Inputs, in order, absent ones omitted: x (b,l,h,p), dt (b,l,h), A (h), B (b,l,g,n),
+    C (b,l,g,n) with g dividing h, D (h) — or (h,p) when D_has_hdim —, z (b,l,h,p), dt_bias (h),
+    initial_state (b,h,p,n). Outputs: y (b,l,h,p), then final_state (b,h,p,n) when
+    return_final_state. Δ = clamp(softplus?(dt + dt_bias), dt_min, dt_max); dt_max = inf: no upper
+    limit. Integer attributes are the flags; dt_min/dt_max are FLOAT attributes.
+    """
+
+    dt_softplus: bool = True
+    has_D: bool = True
+    D_has_hdim: bool = False
+    has_z: bool = False
+    has_dt_bias: bool = True
+    has_initial_state: bool = False
+    return_final_state: bool = False
+    dt_min: float = 0.0
+    dt_max: float = math.inf
+
+    op_type = SSD_OP_TYPE
+    plugin_version = SSD_PLUGIN_VERSION
+
+    def input_names(self) -> list[str]:
+        names = ["x", "dt", "A", "B", "C"]
+        for flag, name in ((self.has_D, "D"), (self.has_z, "z"), (self.has_dt_bias, "dt_bias"),
+                           (self.has_initial_state, "initial_state")):
+            if flag:
+                names.append(name)
+        return names
+
+    def output_names(self) -> list[str]:
+        return ["y", "final_state"] if self.return_final_state else ["y"]
+
+    def attributes(self) -> dict[str, int | float | str]:
+        """ONNX node attributes: the flags as ints, the Δ limits as floats, the plugin lookup keys."""
+        return {
+            "dt_softplus": int(self.dt_softplus),
+            "has_D": int(self.has_D),
+            "D_has_hdim": int(self.D_has_hdim),
+            "has_z": int(self.has_z),
+            "has_dt_bias": int(self.has_dt_bias),
+            "has_initial_state": int(self.has_initial_state),
+            "return_final_state": int(self.return_final_state),
+            "dt_min": float(self.dt_min),
+            "dt_max": float(self.dt_max),
+            "plugin_version": SSD_PLUGIN_VERSION,
             "plugin_namespace": SCAN_PLUGIN_NAMESPACE,
         }
