@@ -86,11 +86,11 @@ def export_module(model: nn.Module, args: tuple, path: str | Path, *, input_name
                           dynamic_axes=dynamic_axes, opset=opset)[1].to_dict()
 
 
-def onnxruntime_forward(path: str | Path, scan_kernel: bool = False) -> Forward:
+def onnxruntime_forward(path: str | Path, scan: str | None = None) -> Forward:
     """A logits function over an ONNX Runtime session of `path`, usable with `validate`.
-    `scan_kernel`: SelectiveScan through the registered onnxruntime-extensions kernel."""
+    `scan`: auto (default: the native scan kernels where available), native or function_body."""
     from .runtime.ort import OrtForward, session
-    return OrtForward(session(path, scan_kernel=scan_kernel))
+    return OrtForward(session(path, scan=scan))
 
 
 def validate(model: nn.Module | Forward, split: Split, metrics, reference_logits: Tensor | None = None,

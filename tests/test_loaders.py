@@ -99,9 +99,9 @@ def test_not_a_checkpoint(tmp_path):
 def test_unsupported_lm_configs(tmp_path):
     save_mamba_ssm(small_lm(), tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
-    cfg["ssm_cfg"]["layer"] = "Mamba2"
+    cfg["ssm_cfg"]["layer"] = "Mamba3"
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(MQExportError, match="only Mamba-1"):
+    with pytest.raises(MQExportError, match="ssm_cfg.layer 'Mamba3' is not supported"):
         load_lm(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bamba", "hidden_size": 8}))
     with pytest.raises(MQExportError, match="model_type 'bamba' is not supported"):

@@ -10,6 +10,7 @@ import mq_export
 from mq_export import MQExportError
 from mq_export.models.mamba2 import Mamba2LM
 from mq_export.ops.ssd_scan import ssd_scan
+from mq_export.runtime.decode import TorchDecoder, teacher_forced_logits
 
 transformers = pytest.importorskip("transformers")
 
@@ -31,16 +32,31 @@ def save_hf_mamba2(directory, seed: int, **config):
     return reference
 
 
-@pytest.mark.parametrize("config, length", [(GROUPED, 13), (ONE_GROUP, 21)], ids=["ngroups2", "ngroups1"])
-def test_logits_match_transformers(tmp_path, config, length):
+@pytest.mark.parametrize("config", [GROUPED, ONE_GROUP], ids=["ngroups2", "ngroups1"])
+def test_logits_match_transformers(tmp_path, config):
     reference = save_hf_mamba2(tmp_path, 0, **config)
     model = mq_export.load(tmp_path)
     assert isinstance(model, Mamba2LM)
-    ids = torch.randint(0, config["vocab_size"], (2, length), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        expected = reference(ids, use_cache=False).logits
-        logits = model(ids)
-    assert logits.shape == expected.shape
+    for length in (13, 70):     # multiples of neither transformers' chunk_size nor this package's scan chunk
+        ids = torch.randint(0, config["vocab_size"], (2, length), generator=torch.Generator().manual_seed(length))
+        with torch.no_grad():
+            expected = reference(ids, use_cache=False).logits
+            logits = model(ids)
+        assert logits.shape == expected.shape
+        assert (logits - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+
+def test_stateful_decoding_matches_transformers_cached_generation(tmp_path):
+    """transformers' own decoding with its cache (conv and SSM states, one token per step) against
+    ours (prefill, then one step per token) along transformers' greedy tokens."""
+    reference = save_hf_mamba2(tmp_path, 0, **GROUPED)
+    model = mq_export.load(tmp_path)
+    prompt = torch.randint(0, GROUPED["vocab_size"], (1, 6), generator=torch.Generator().manual_seed(0))
+    out = reference.generate(prompt, max_new_tokens=24, min_new_tokens=24, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+    expected = torch.stack(out.logits)[:, 0]          # raw logits, before generate's processors
+    logits = teacher_forced_logits(TorchDecoder(model), prompt[0], out.sequences[0, 6:].tolist(),
+                                   GROUPED["vocab_size"])
     assert (logits - expected).abs().max() <= 1e-4 * expected.abs().max()
 
 
@@ -70,17 +86,3 @@ def test_unsupported_setting_is_one_line_naming_it(tmp_path, setting, value):
     with pytest.raises(MQExportError, match=setting) as info:
         mq_export.load(tmp_path)
     assert "\n" not in str(info.value)
-
-
-def test_export_and_quantization_say_they_are_not_there_yet(tmp_path):
-    save_hf_mamba2(tmp_path, 0, **GROUPED)
-    model = mq_export.load(tmp_path)
-    with pytest.raises(MQExportError, match="ONNX export of Mamba-2 models is not supported yet"):
-        mq_export.export_onnx(model, tmp_path / "model.onnx")
-    stats = mq_export.calibrate(model, torch.randint(0, GROUPED["vocab_size"], (4, 9)), quiet=True)
-    for method in ("rtn", "mambaquant"):   # refused before any work, even RTN (no topology needed)
-        with pytest.raises(MQExportError, match="quantizing Mamba-2 models lands with the SSDScan op"):
-            mq_export.quantize(model, stats, mq_export.QuantConfig(method=method))
-    from mq_export.models.registry import family_of
-    with pytest.raises(MQExportError, match="quantizing Mamba-2 models lands with the SSDScan op"):
-        family_of(model).topology(model)

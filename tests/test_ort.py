@@ -1,5 +1,5 @@
 """ONNX Runtime sessions: the registered SelectiveScan kernel wins over the function body and
-agrees with it."""
+agrees with it; the INT8 MatMul policy."""
 import logging
 
 import numpy as np
@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from mq_export.runtime import ort as mq_ort
+from mq_export.runtime import ort_native
 from mq_export.errors import MQExportError
 from mq_export.export.onnx import export_onnx
 from mq_export.models.mamba import ClassifierConfig, MambaSequenceClassifier, MixerConfig
@@ -24,20 +25,17 @@ def exported(tmp_path_factory):
     return model, path
 
 
-def test_registered_kernel_wins_and_matches_function_body(exported, monkeypatch):
-    from mq_export.ops import selective_scan as scan
+def test_registered_kernel_wins_and_matches_function_body(exported):
+    native = ort_native.native_ops()
+    if native.path is None:
+        pytest.skip(f"native ONNX Runtime ops unavailable: {native.reason}")
     model, path = exported
     x = torch.randn(3, 45, 1)
-    scans, real = [], scan.selective_scan
-
-    def counted(*args, **kwargs):          # the registered kernel computes with the PyTorch scan
-        scans.append(1)
-        return real(*args, **kwargs)
-    monkeypatch.setattr(scan, "selective_scan", counted)
-    body = mq_ort.OrtForward(mq_ort.session(path))(x).numpy()
-    assert scans == []                                  # a plain session never calls it
-    kernel = mq_ort.OrtForward(mq_ort.session(path, scan_kernel=True))(x).numpy()
-    assert len(scans) == 2                              # one call per layer: the kernel ran
+    calls = ort_native.kernel_calls("SelectiveScan")
+    body = mq_ort.OrtForward(mq_ort.session(path, scan="function_body"))(x).numpy()
+    assert ort_native.kernel_calls("SelectiveScan") == calls       # a function-body session never calls it
+    kernel = mq_ort.OrtForward(mq_ort.session(path))(x).numpy()    # default (auto): the native kernel
+    assert ort_native.kernel_calls("SelectiveScan") == calls + 2   # one call per layer: the kernel ran
     np.testing.assert_allclose(kernel, body, rtol=1e-4, atol=1e-5)
     with torch.no_grad():
         np.testing.assert_allclose(kernel, model(x).numpy(), rtol=1e-4, atol=1e-5)

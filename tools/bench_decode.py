@@ -1,5 +1,7 @@
 """Decode benchmark on the bundled char LM: ONNX Runtime tokens/s of the FP32 and the quantized
 step graphs (batch 1, greedy), PyTorch step decoding for reference, and prefill time vs length.
+Each ORT graph runs twice: scan nodes through the native kernels (mq_export.runtime.ort_native,
+where they build) and through the op's function body.
 
     python tools/bench_decode.py                       # FP32 vs MambaQuant W8A8, 2 threads
     python tools/bench_decode.py --method rtn --tokens 500 --lengths 16 128 1024
@@ -7,6 +9,8 @@ step graphs (batch 1, greedy), PyTorch step decoding for reference, and prefill 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -17,6 +21,21 @@ from mq_export.api import calibrate, load, quantize
 from mq_export.load.bundled import bundled
 from mq_export.export.decode import export_decode
 from mq_export.runtime.decode import OrtDecoder, TorchDecoder, generate
+from mq_export.runtime.ort import SCAN_ENV, scan_implementation
+
+
+@contextlib.contextmanager
+def scan_choice(choice: str):
+    """Sessions made inside use this scan implementation (OrtDecoder reads $MQ_EXPORT_ORT_SCAN)."""
+    previous = os.environ.get(SCAN_ENV)
+    os.environ[SCAN_ENV] = choice
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[SCAN_ENV]
+        else:
+            os.environ[SCAN_ENV] = previous
 
 
 def tokens_per_second(decoder, prompt: torch.Tensor, tokens: int, vocab: int) -> float:
@@ -58,11 +77,15 @@ def main() -> None:
     prompt = tok.encode("ROMEO:")
     print(f"{args.model}, batch 1, {args.threads} threads, {args.tokens} greedy tokens after a "
           f"{len(prompt)}-character prompt; prefill: best of {args.repeats}")
+    scans = ["function_body"] + (["native"] if scan_implementation().name == "native" else [])
+    print(f"scan implementations: {', '.join(scans)}")
     rows = [("PyTorch FP32", TorchDecoder(fp32), None)]
     with tempfile.TemporaryDirectory() as tmp:
         for name, model in (("ORT FP32", fp32), (f"ORT {args.method} W8A8", int8)):
             ex = export_decode(model, Path(tmp) / name.replace(" ", "_"))
-            rows.append((name, OrtDecoder(ex.step, ex.prefill, threads=args.threads), ex))
+            for scan in scans:
+                with scan_choice(scan):
+                    rows.append((f"{name} ({scan})", OrtDecoder(ex.step, ex.prefill, threads=args.threads), ex))
         header = ["backend", "tokens/s", *(f"prefill {n} ms" for n in args.lengths)]
         print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
         for name, decoder, _ in rows:

@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """ONNX Runtime latency of exported models, as ratios:
 
-* plain-ORT FP32 (SelectiveScan through its function body) vs the PyTorch CPU forward,
-* ORT INT8 (W8A8 Q/DQ export) vs ORT FP32,
+* ORT FP32 vs the PyTorch CPU forward, with the scan nodes run by the native kernels
+  (`mq_export.runtime.ort_native`; --scan, default auto) and, for comparison, by the op's
+  standard-op function body,
+* ORT INT8 (W8A8 Q/DQ export) vs ORT FP32, both with the same scan implementation,
 
 on the bundled MNIST classifier (batch 64, length 784) and on a random LM-sized model (d_model 768,
 4 layers, vocab 50280, batch 1, length 512). The INT8 models use hand-built per-tensor activation
@@ -16,6 +18,7 @@ graph whose logits match fake-quant PyTorch (max rel err <= 1e-2); otherwise the
 and exits with status 1.
 
     python tools/bench_ort.py [--reps 3] [--threads 2] [--skip-lm] [--int8-matmul auto|integer|exact]
+                              [--scan auto|native|function_body]
 """
 from __future__ import annotations
 
@@ -35,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mq_export.export.onnx import export_onnx  # noqa: E402
 from mq_export.load.checkpoints import load_classifier  # noqa: E402
 from mq_export.models.mamba import LMConfig, MambaLMHeadModel, MixerConfig  # noqa: E402
-from mq_export.runtime.ort import INT8_MATMUL_CHOICES, Int8MatMul, cpu_info, int8_matmul_policy, session  # noqa: E402
+from mq_export.runtime.ort import (INT8_MATMUL_CHOICES, SCAN_CHOICES, Int8MatMul, ScanImplementation,  # noqa: E402
+                                   cpu_info, int8_matmul_policy, scan_implementation, session)
 from mq_export.quant.qspec import ActQuant, FakeQuantize, WeightQuant  # noqa: E402
 
 logging.getLogger("torch.onnx").setLevel(logging.ERROR)
@@ -74,10 +78,10 @@ def best_of(fn, reps: int) -> float:
 MAX_REL_ERROR = 1e-2   # INT8 vs fake-quant logits beyond this: the timing is of a wrong graph
 
 
-def fused_ops(path: Path, threads: int, int8_matmul: Int8MatMul) -> dict:
-    """Op histogram of the graph ORT actually runs (optimized model, function inlined)."""
+def fused_ops(path: Path, threads: int, int8_matmul: Int8MatMul, scan: ScanImplementation) -> dict:
+    """Op histogram of the graph ORT actually runs (optimized model; a function body inlined)."""
     optimized = path.with_name(f"{path.stem}_optimized.onnx")
-    session(path, threads=threads, int8_matmul=int8_matmul, optimized_model=optimized)
+    session(path, threads=threads, int8_matmul=int8_matmul, scan=scan, optimized_model=optimized)
     counts = collections.Counter(n.op_type for n in onnx.load(str(optimized)).graph.node)
     return {k: counts[k] for k in sorted(counts) if k in {
         "QuantizeLinear", "DequantizeLinear", "MatMul", "FusedMatMul", "QLinearMatMul", "MatMulIntegerToFloat",
@@ -85,26 +89,29 @@ def fused_ops(path: Path, threads: int, int8_matmul: Int8MatMul) -> dict:
 
 
 def bench(name: str, make_model, x: torch.Tensor, feed_name: str, reps: int, threads: int, tmp: Path,
-          int8_matmul: Int8MatMul) -> dict:
+          int8_matmul: Int8MatMul, scan: ScanImplementation) -> dict:
     model = make_model()
     fp32_path, int8_path = tmp / f"{name}_fp32.onnx", tmp / f"{name}_int8.onnx"
     export_onnx(model, fp32_path)
     with torch.inference_mode():
         t_torch = best_of(lambda: model(x), reps)
-    s_fp32 = session(fp32_path, threads=threads)
+    s_fp32 = session(fp32_path, threads=threads, scan=scan)
     feed = {feed_name: x.numpy()}
     t_fp32 = best_of(lambda: s_fp32.run(None, feed), reps)
+    s_body = session(fp32_path, threads=threads, scan="function_body")
+    t_body = best_of(lambda: s_body.run(None, feed), reps)
     qmodel = fake_quantize_w8a8(make_model(), x[:1, : min(x.shape[1], 256)])
     export_onnx(qmodel, int8_path)
-    s_int8 = session(int8_path, threads=threads, int8_matmul=int8_matmul)
+    s_int8 = session(int8_path, threads=threads, int8_matmul=int8_matmul, scan=scan)
     t_int8 = best_of(lambda: s_int8.run(None, feed), reps)
     with torch.inference_mode():
         ref = qmodel(x).numpy()
     out = s_int8.run(None, feed)[0]
     return {"model": name, "input": tuple(x.shape), "torch_s": t_torch, "ort_fp32_s": t_fp32, "ort_int8_s": t_int8,
-            "ort_fp32_over_torch": t_fp32 / t_torch, "int8_speedup_over_fp32": t_fp32 / t_int8,
+            "ort_body_s": t_body, "ort_fp32_over_torch": t_fp32 / t_torch, "ort_body_over_torch": t_body / t_torch,
+            "int8_speedup_over_fp32": t_fp32 / t_int8,
             "int8_vs_fakequant_max_rel": float(np.abs(out - ref).max() / np.abs(ref).max()),
-            "ort_int8_graph": fused_ops(int8_path, threads, int8_matmul)}
+            "ort_int8_graph": fused_ops(int8_path, threads, int8_matmul, scan)}
 
 
 def main() -> None:
@@ -114,8 +121,11 @@ def main() -> None:
     parser.add_argument("--skip-lm", action="store_true")
     parser.add_argument("--int8-matmul", choices=INT8_MATMUL_CHOICES, default=None,
                         help="INT8 MatMul kernels (default: $MQ_EXPORT_ORT_INT8_MATMUL or auto)")
+    parser.add_argument("--scan", choices=SCAN_CHOICES, default=None,
+                        help="scan implementation of the timed sessions (default: $MQ_EXPORT_ORT_SCAN or auto)")
     args = parser.parse_args()
     int8_matmul = int8_matmul_policy(args.int8_matmul)
+    scan = scan_implementation(args.scan)
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     torch.manual_seed(0)
@@ -123,7 +133,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         rows.append(bench("mnist", load_classifier, torch.randn(64, 784, 1), "x", args.reps, args.threads, tmp,
-                          int8_matmul))
+                          int8_matmul, scan))
         if not args.skip_lm:
             cfg = LMConfig(mixer=MixerConfig(d_model=768), n_layer=4, vocab_size=50280)
 
@@ -131,13 +141,15 @@ def main() -> None:
                 torch.manual_seed(0)
                 return MambaLMHeadModel(cfg).eval()
             ids = torch.randint(0, cfg.vocab_size, (1, 512), generator=torch.Generator().manual_seed(0))
-            rows.append(bench("lm-768x4", make_lm, ids, "input_ids", args.reps, args.threads, tmp, int8_matmul))
+            rows.append(bench("lm-768x4", make_lm, ids, "input_ids", args.reps, args.threads, tmp, int8_matmul,
+                              scan))
     print(f"CPU {cpu_info().model}  threads={args.threads}  best of {args.reps}")
     print(f"INT8 MatMul kernels: {int8_matmul.to_dict()['kernels']} ({int8_matmul.reason})")
+    print(f"scan nodes: {scan.name} ({scan.reason})")
     wrong = []
     for r in rows:
         print(f"{r['model']:9s} input {r['input']}: torch {r['torch_s']*1e3:8.1f} ms | ORT fp32 {r['ort_fp32_s']*1e3:8.1f} ms"
-              f" | ORT int8 {r['ort_int8_s']*1e3:8.1f} ms")
+              f" | ORT int8 {r['ort_int8_s']*1e3:8.1f} ms | ORT fp32 function body {r['ort_body_s']*1e3:8.1f} ms")
         error = r["int8_vs_fakequant_max_rel"]
         if error <= MAX_REL_ERROR:
             speedup = f"ORT int8 speed-up over ORT fp32 = {r['int8_speedup_over_fp32']:.2f}x"
@@ -145,8 +157,8 @@ def main() -> None:
             speedup = "ORT int8 speed-up: not reported, the INT8 results are wrong"
             wrong.append(f"{r['model']}: ORT INT8 differs from fake-quant PyTorch by max rel err {error:.1e} "
                          f"(> {MAX_REL_ERROR:.0e})")
-        print(f"          ORT fp32 / torch = {r['ort_fp32_over_torch']:.2f}x   {speedup}   "
-              f"int8 vs fake-quant max rel err = {error:.1e}")
+        print(f"          ORT fp32 / torch = {r['ort_fp32_over_torch']:.2f}x (function body: "
+              f"{r['ort_body_over_torch']:.2f}x)   {speedup}   int8 vs fake-quant max rel err = {error:.1e}")
         print(f"          ORT int8 graph after optimization: {r['ort_int8_graph']}")
     if wrong:
         hint = ["(--int8-matmul exact keeps Q/DQ in float)"] if int8_matmul.integer else []

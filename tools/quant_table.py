@@ -1,6 +1,9 @@
 """Compare quantization methods on a bundled model: a markdown table and an activation-range figure.
 
     python tools/quant_table.py -o quant_table            # writes quant_table.md and quant_table.png
+    python tools/quant_table.py --model shakespeare-mamba2 -o quant_table_mamba2   # a language model
+
+A classifier is scored by accuracy, a language model by perplexity (the bundled model's metrics).
 
 All methods × {W8A8, W4A8} (plus MambaQuant without KLT as an ablation) over one calibration pass,
 one calibrator-selection procedure and one set of FP32 reference logits. Methods with random signs
@@ -13,6 +16,7 @@ import argparse
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,20 +44,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-o", "--output", default="quant_table", help="output path stem (.md and .png)")
     parser.add_argument("--model", default="mnist")
-    parser.add_argument("--limit", type=int, default=2000, help="evaluation images (default 2000)")
+    parser.add_argument("--limit", type=int, default=2000,
+                        help="evaluation samples: images or text windows (default 2000)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--selection-samples", type=int, default=128,
                         help="calibration images used by --calibrator auto's selection (default 128)")
     parser.add_argument("--range-samples", type=int, default=512,
                         help="calibration images for each transformed model's range pass (default 512)")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="default: the bundled model's (the demo's, so the numbers are the demo's)")
     parser.add_argument("--calibrator", default="auto")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     torch.set_flush_denormal(True)
     t_start = time.perf_counter()
     spec = bundled(args.model)
+    args.batch_size = args.batch_size or spec.batch_size
     model = spec.load()
     calib, evaluation = spec.splits(args.limit)
     fp32, ref = validate(model, evaluation, spec.metrics, batch_size=args.batch_size, desc="fp32", quiet=args.quiet)
@@ -83,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
                 metrics, _ = validate(qmodel, evaluation, spec.metrics, ref, batch_size=args.batch_size,
                                       desc=f"{method} W{w_bits} s{seed}", quiet=args.quiet)
                 results.setdefault((label, w_bits), []).append((metrics, settings))
-                print(f"{label:45s} W{w_bits}A8 seed {seed}: acc {metrics['accuracy']:.4f} "
+                headline = _headline(metrics).key
+                print(f"{label:45s} W{w_bits}A8 seed {seed}: {headline} {metrics[headline]:.4f} "
                       f"kl {metrics['kl_to_fp32']:.5f} agree {metrics['agreement_with_fp32']:.4f} "
                       f"calibrator {settings.calibrator}  [{time.perf_counter() - t_start:.0f} s]",
                       file=sys.stderr, flush=True)
@@ -92,21 +100,43 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+@dataclass(frozen=True)
+class Headline:
+    """The task metric a row leads with, and how the table shows it."""
+    key: str
+    column: str
+    scale: float
+    digits: int
+    relative_delta: bool    # Δ vs FP32 in % of FP32's value, else in the column's unit
+    kl_digits: int
+
+
+def _headline(metrics: dict) -> Headline:
+    """A classifier's accuracy (in %, Δ in points), a language model's perplexity (Δ in %)."""
+    if "accuracy" in metrics:
+        return Headline("accuracy", "accuracy %", 100, 2, False, 5)
+    return Headline("perplexity", "perplexity", 1, 4, True, 6)
+
+
 def _write_table(out, spec, evaluation, stats, fp32, results, args, seconds) -> None:
-    lines = [f"Model `{spec.name}`; evaluation {evaluation.name} ({len(evaluation)} images), calibration "
-             f"{stats.split} ({len(stats.inputs)} images, calibrator selection on its first "
+    h = _headline(fp32)
+    lines = [f"Model `{spec.name}`; evaluation {evaluation.name} ({len(evaluation)} samples), calibration "
+             f"{stats.split} ({len(stats.inputs)} samples, calibrator selection on its first "
              f"{len(stats.selection_logits)}, post-transform ranges on its first {args.range_samples}); activations static per-tensor symmetric INT8; weights "
-             f"per-channel symmetric (W8: clip-searched RTN, W4: GPTQ). FP32 accuracy "
-             f"{100 * fp32['accuracy']:.2f} %. Randomised methods: mean (min–max) over seeds "
+             f"per-channel symmetric (W8: clip-searched RTN, W4: GPTQ). FP32 {h.column} "
+             f"{h.scale * fp32[h.key]:.{h.digits}f}. Randomised methods: mean (min–max) over seeds "
              f"{', '.join(map(str, args.seeds))}; RTN and SmoothQuant are deterministic (one run). "
              f"Time so far {seconds / 60:.1f} min.", "",
-             "| method | setting | accuracy % | Δ vs FP32 (pt) | KL to FP32 | agreement with FP32 % | calibrator |",
+             f"| method | setting | {h.column} | Δ vs FP32 ({'%' if h.relative_delta else 'pt'}) | KL to FP32 "
+             f"| agreement with FP32 % | calibrator |",
              "|---|---|---|---|---|---|---|"]
     for (label, w_bits), runs in results.items():
-        acc = [m["accuracy"] for m, _ in runs]
+        values = [m[h.key] for m, _ in runs]
+        delta = statistics.fmean(values) - fp32[h.key]
         lines.append(
-            f"| {label} | W{w_bits}A8 | {_span(acc, 100)} | {100 * (statistics.fmean(acc) - fp32['accuracy']):+.2f} "
-            f"| {_span([m['kl_to_fp32'] for m, _ in runs], 1, 5)} "
+            f"| {label} | W{w_bits}A8 | {_span(values, h.scale, h.digits)} "
+            f"| {100 * delta / fp32[h.key] if h.relative_delta else h.scale * delta:+.2f} "
+            f"| {_span([m['kl_to_fp32'] for m, _ in runs], 1, h.kl_digits)} "
             f"| {_span([m['agreement_with_fp32'] for m, _ in runs], 100)} "
             f"| {', '.join(sorted({s.calibrator for _, s in runs}))} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")

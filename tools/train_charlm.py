@@ -1,10 +1,15 @@
-"""Train the bundled character-level Mamba LM (`shakespeare-charlm`) on tinyshakespeare.
+"""Train the bundled character-level Mamba LMs (`shakespeare-charlm`, `shakespeare-mamba2`) on tinyshakespeare.
 
     nice -n 10 python tools/train_charlm.py --data ../shared/data/tinyshakespeare/input.txt \
         --out mq_export/assets/shakespeare-charlm
+    nice -n 10 python tools/train_charlm.py --arch mamba2 --data ../shared/data/tinyshakespeare/input.txt \
+        --out mq_export/assets/shakespeare-mamba2 --batch 16 --threads 1 --time-limit 1080
 
-The model is this package's `MambaLMHeadModel` (mamba-ssm layout: embedding, pre-norm RMSNorm
-residual blocks, final norm, tied head). Training uses the 90 % training split; the 5 % validation
+The model is this package's `MambaLMHeadModel` (`--arch mamba1`) or `Mamba2LM` (`--arch mamba2`), in
+mamba-ssm's layout: embedding, pre-norm RMSNorm residual blocks, final norm, tied head. Both scans
+pick a differentiable form whenever autograd needs them (Mamba-1: the fused kernel with its C
+backward, or `selective_scan_differentiable`; Mamba-2: `ssd_scan`'s chunked form).
+Training uses the 90 % training split; the 5 % validation
 split picks nothing but is reported; the 5 % test split is scored once at the end and shipped with
 the checkpoint, together with a calibration slice of the training text. The learning rate follows
 a cosine schedule over `max(step / steps, elapsed / time_limit)`, so a run stopped by the time
@@ -13,7 +18,6 @@ limit has still annealed.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import time
@@ -26,57 +30,38 @@ from mq_export.load.charlm import (CharTokenizer, WINDOW, calibration_text, lm_m
                               split_text, windows)
 from mq_export.evaluate import batched_logits
 from mq_export.load.checkpoints import save_mamba_ssm
-from mq_export.models.mamba import LMConfig, MambaLMHeadModel, MixerConfig
-from mq_export.ops.selective_scan import SelectiveScanOp, _discretize_delta, _finish
-
-
-def differentiable_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
-                        z: Tensor | None = None, delta_bias: Tensor | None = None,
-                        delta_softplus: bool = False, return_last_state: bool = False,
-                        initial_state: Tensor | None = None):
-    """`scan.selective_scan` without its in-place buffers, which autograd cannot differentiate:
-    decays and inputs for all steps at once, one out-of-place multiply-add per step."""
-    delta = _discretize_delta(delta, delta_bias, delta_softplus).transpose(1, 2)   # (b, l, d)
-    decay = torch.exp(delta[..., None] * A)                                         # (b, l, d, n)
-    inputs = (delta * u.transpose(1, 2))[..., None] * B.transpose(1, 2)[:, :, None, :]
-    h = inputs.new_zeros(inputs[:, 0].shape) if initial_state is None else initial_state
-    states = []
-    # unbind, not indexing: an indexed slice's backward writes a full-size zero gradient per step.
-    for inputs_t, decay_t in zip(inputs.unbind(1), decay.unbind(1)):
-        h = torch.addcmul(inputs_t, decay_t, h)
-        states.append(h)
-    y = (torch.stack(states, 1) @ C.transpose(1, 2)[..., None]).squeeze(-1)        # (b, l, d)
-    y = _finish(y.transpose(1, 2), u, D, z)
-    return (y, h) if return_last_state else y
-
-
-@contextlib.contextmanager
-def differentiable_scans(model: nn.Module):
-    """While open, `model`'s own scan modules run `differentiable_scan` (an instance attribute on
-    each, removed after; the checkpoint holds weights only)."""
-    scans = [m for m in model.modules() if isinstance(m, SelectiveScanOp)]
-    for scan in scans:
-        scan.forward = differentiable_scan
-    try:
-        yield
-    finally:
-        for scan in scans:
-            del scan.forward
+from mq_export.models.mamba import LMConfig, MambaLMHeadModel, MambaMixer, MixerConfig
+from mq_export.models.mamba2 import Mamba2LM, Mamba2LMConfig, Mamba2MixerConfig
 
 
 def init_like_mamba_ssm(model: MambaLMHeadModel, dt_min: float = 1e-3, dt_max: float = 0.1) -> None:
-    """mamba-ssm's initialisation: Δ in [dt_min, dt_max] log-uniform through dt_proj's bias,
-    embedding N(0, 0.02), out_proj scaled by 1/sqrt(n_layer) for the residual stream."""
+    """mamba-ssm's initialisation: Δ in [dt_min, dt_max] log-uniform through the Δ bias (Mamba-1:
+    dt_proj's bias, one per channel; Mamba-2: dt_bias, one per head, and A = −uniform(1, 16) per
+    head), embedding N(0, 0.02), out_proj scaled by 1/sqrt(n_layer) for the residual stream."""
     nn.init.normal_(model.backbone.embedding.weight, std=0.02)
     for block in model.backbone.layers:
         mixer = block.mixer
-        rank = mixer.cfg.rank
-        nn.init.uniform_(mixer.dt_proj.weight, -rank ** -0.5, rank ** -0.5)
-        dt = torch.exp(torch.rand(mixer.cfg.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
-        dt = dt.clamp(min=1e-4)
         with torch.no_grad():
-            mixer.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))      # inverse softplus
+            if isinstance(mixer, MambaMixer):
+                rank = mixer.cfg.rank
+                nn.init.uniform_(mixer.dt_proj.weight, -rank ** -0.5, rank ** -0.5)
+                dt_bias = mixer.dt_proj.bias
+            else:
+                mixer.A_log.copy_(torch.log(torch.empty_like(mixer.A_log).uniform_(1, 16)))
+                dt_bias = mixer.dt_bias
+            dt = torch.exp(torch.rand(dt_bias.shape) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+            dt = dt.clamp(min=1e-4)
+            dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))      # inverse softplus
             mixer.out_proj.weight /= math.sqrt(model.cfg.n_layer)
+
+
+def build_model(args: argparse.Namespace, vocab_size: int) -> MambaLMHeadModel:
+    if args.arch == "mamba1":
+        return MambaLMHeadModel(LMConfig(mixer=MixerConfig(d_model=args.d_model, d_state=args.d_state),
+                                         n_layer=args.n_layer, vocab_size=vocab_size))
+    mixer = Mamba2MixerConfig(d_model=args.d_model, d_state=args.d_state, headdim=args.headdim,
+                              ngroups=args.ngroups)
+    return Mamba2LM(Mamba2LMConfig(mixer=mixer, n_layer=args.n_layer, vocab_size=vocab_size))
 
 
 @torch.no_grad()
@@ -91,9 +76,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, required=True, help="tinyshakespeare input.txt")
     p.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
+    p.add_argument("--arch", choices=("mamba1", "mamba2"), default="mamba1")
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--n-layer", type=int, default=4)
-    p.add_argument("--d-state", type=int, default=16)
+    p.add_argument("--d-state", type=int, default=None, help="default 16 (mamba1), 64 (mamba2)")
+    p.add_argument("--headdim", type=int, default=32, help="mamba2 only")
+    p.add_argument("--ngroups", type=int, default=1, help="mamba2 only")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=3000)
@@ -105,6 +93,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
+    if args.d_state is None:
+        args.d_state = 16 if args.arch == "mamba1" else 64
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
@@ -115,9 +105,7 @@ def main() -> None:
     ids = {name: tok.encode(part) for name, part in parts.items()}
     train = ids["train"]
 
-    cfg = LMConfig(mixer=MixerConfig(d_model=args.d_model, d_state=args.d_state), n_layer=args.n_layer,
-                   vocab_size=len(tok))
-    model = MambaLMHeadModel(cfg)
+    model = build_model(args, len(tok))
     init_like_mamba_ssm(model)
     # Weight decay on matrices only (not norms, biases, A_log, D), as is usual for Mamba.
     decayed = [p for n, p in model.named_parameters() if p.dim() >= 2 and "A_log" not in n]
@@ -131,33 +119,32 @@ def main() -> None:
     history = []
     start = time.perf_counter()
     step = 0
-    with differentiable_scans(model):
-        while step < args.steps:
-            elapsed = time.perf_counter() - start
-            progress = max(step / args.steps, elapsed / args.time_limit)
-            if progress >= 1:
-                break
-            lr = args.lr * min(1.0, (step + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * progress))
-            for group in opt.param_groups:
-                group["lr"] = lr
-            offsets = torch.randint(0, len(train) - args.seq_len - 1, (args.batch,))
-            batch = torch.stack([train[o:o + args.seq_len + 1] for o in offsets])
-            model.train()
-            logits = model(batch[:, :-1])
-            loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            step += 1
-            if step % 20 == 0:
-                print(f"step {step} loss {loss.item():.4f} lr {lr:.2e} {time.perf_counter() - start:.0f}s",
-                      flush=True)
-            if step % args.eval_every == 0:
-                model.eval()
-                val = perplexity(model, ids["validation"], limit=64)
-                history.append({"step": step, "seconds": round(time.perf_counter() - start), "val_ppl_64w": val})
-                print(f"step {step} validation perplexity (64 windows) {val:.3f}", flush=True)
+    while step < args.steps:
+        elapsed = time.perf_counter() - start
+        progress = max(step / args.steps, elapsed / args.time_limit)
+        if progress >= 1:
+            break
+        lr = args.lr * min(1.0, (step + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * progress))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        offsets = torch.randint(0, len(train) - args.seq_len - 1, (args.batch,))
+        batch = torch.stack([train[o:o + args.seq_len + 1] for o in offsets])
+        model.train()
+        logits = model(batch[:, :-1])
+        loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        if step % 20 == 0:
+            print(f"step {step} loss {loss.item():.4f} lr {lr:.2e} {time.perf_counter() - start:.0f}s",
+                  flush=True)
+        if step % args.eval_every == 0:
+            model.eval()
+            val = perplexity(model, ids["validation"], limit=64)
+            history.append({"step": step, "seconds": round(time.perf_counter() - start), "val_ppl_64w": val})
+            print(f"step {step} validation perplexity (64 windows) {val:.3f}", flush=True)
     train_seconds = time.perf_counter() - start
 
     model.eval()

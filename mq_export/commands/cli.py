@@ -90,6 +90,13 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _build_ort_ops(args: argparse.Namespace) -> int:
+    from ..runtime import ort_native
+    path = ort_native.build(force=args.force)
+    print(f"{path} (ONNX Runtime headers: {ort_native.find_headers()})")
+    return 0
+
+
 def _build_engine(args: argparse.Namespace) -> int:
     from ..runtime.engine import build_engine, equivalent_commands, parse_profile
     profiles = [parse_profile(text) for text in args.profile] or [{}]
@@ -113,7 +120,7 @@ def _validate(args: argparse.Namespace) -> int:
                                       limit=args.limit, quiet=args.json)
     else:
         result = validate_onnx_file(args.onnx, model=args.model, data=args.data, limit=args.limit,
-                                    scan_kernel=args.scan_kernel, quiet=args.json,
+                                    scan=args.scan, quiet=args.json,
                                     max_rel_error=args.max_rel_error, min_agreement=args.min_agreement)
     print(json_text(result, "validate result"))
     if result["passed"]:
@@ -126,7 +133,8 @@ def _validate(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from .export import run_export
     report = run_export(args.checkpoint, Path(args.output), quant=quant_config(args), calib=args.calib,
-                        opset=args.opset, limit=args.limit, force=args.force, quiet=args.json, decode=args.decode)
+                        opset=args.opset, limit=args.limit, force=args.force, quiet=args.json, decode=args.decode,
+                        image_size=args.image_size)
     print(report.to_json() if args.json else report.table(), end="" if args.json else "\n")
     return 0
 
@@ -168,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("checkpoint", metavar="CHECKPOINT")
     export.add_argument("-o", "--output", required=True, metavar="DIR", help="output directory")
     export.add_argument("--calib", default=None, metavar="FILE", help=".pt/.npy calibration inputs: int token "
-                        "ids (n, L) for language models, float (n, L, d_input) for classifiers")
+                        "ids (n, L) for language models, float (n, L, d_input) for classifiers, float images "
+                        "(n, C, H, W) for Vision Mamba")
     export.add_argument("--opset", type=int, default=None, help="ONNX opset, 18-21 (default 18; 21 with INT4)")
     export.add_argument("--limit", type=POSITIVE_INT, default=None, metavar="N",
                         help="evaluate on N images (classifiers)")
@@ -176,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     export.add_argument("--decode", action="store_true", help="language models: also write the stateful "
                         "DIR/prefill.onnx and DIR/decode_step.onnx (past/present conv and SSM states per layer)")
+    export.add_argument("--image-size", type=POSITIVE_INT, default=None, metavar="PIXELS",
+                        help="Vision Mamba: the (square) image size, where its pos_embed does not say it "
+                             "(overlapping patches)")
     add_quantization_options(export)
     export.set_defaults(func=_export)
 
@@ -185,8 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--model", default="mnist", help="the PyTorch model it was exported from: a bundled "
                           "name or a checkpoint (default mnist)")
     validate.add_argument("--data", default=None, metavar="FILE", help=".pt/.npy inputs to compare on: int token "
-                          "ids (n, L) for language models, float (n, L, d_input) for classifiers (needed for "
-                          "classifiers without bundled evaluation data)")
+                          "ids (n, L) for language models, float (n, L, d_input) for classifiers, float images "
+                          "(n, C, H, W) for Vision Mamba (needed for classifiers without bundled evaluation data)")
     validate.add_argument("--limit", type=POSITIVE_INT, default=2000, metavar="N",
                           help="evaluate on the first N samples (default 2000)")
     validate.add_argument("--max-rel-error", type=_option(float, checks.non_negative), default=None,
@@ -197,14 +209,22 @@ def build_parser() -> argparse.ArgumentParser:
                           help="fail (exit 1) when a smaller fraction of argmaxes agrees with PyTorch "
                           f"(default {FP32_TOLERANCES.min_agreement:g} for FP32 graphs, "
                           f"{QDQ_TOLERANCES.min_agreement:g} for Q/DQ graphs)")
-    validate.add_argument("--scan-kernel", action="store_true", help="run SelectiveScan through the registered "
-                          "onnxruntime-extensions kernel instead of the function body")
+    validate.add_argument("--scan", choices=("auto", "native", "function_body"), default=None,
+                          help="how ONNX Runtime runs the scan nodes: the native kernels (an error where they "
+                          "cannot be built), the model's function body, or auto (default: $MQ_EXPORT_ORT_SCAN, "
+                          "else native where available)")
     validate.add_argument("--json", action="store_true", help="no progress bars")
     validate.add_argument("--engine", metavar="ENGINE", help="score this TensorRT engine (built from MODEL.onnx) "
                           "over the same data instead, and compare its logits with ONNX Runtime's (needs "
                           "TensorRT and a GPU)")
     validate.add_argument("--plugin", metavar="PATH", help="plugin library for --engine")
     validate.set_defaults(func=_validate)
+
+    ort_ops = sub.add_parser("build-ort-ops", help="build the native ONNX Runtime kernels of the scan ops (needs "
+                             "ONNX Runtime's C++ headers: tools/fetch_ort_headers.sh or MQ_EXPORT_ORT_INCLUDE) and "
+                             "print the library's path; sessions otherwise build it on first use")
+    ort_ops.add_argument("--force", action="store_true", help="rebuild even when a cached build exists")
+    ort_ops.set_defaults(func=_build_ort_ops)
 
     engine = sub.add_parser("build-engine", help="build a TensorRT engine from an exported ONNX file "
                             "(needs TensorRT and the plugin library from plugins/)")

@@ -15,10 +15,12 @@ from .validate import _mnist_shaped, load_calibration_file
 
 def run_export(checkpoint: str | Path, out: str | Path, quant: QuantConfig | None = None,
                calib: str | Path | None = None, opset: int | None = None, limit: int | None = None,
-               force: bool = False, quiet: bool = False, decode: bool = False) -> Report:
+               force: bool = False, quiet: bool = False, decode: bool = False,
+               image_size: int | None = None) -> Report:
     """`mq-export export`: `checkpoint` exported (FP32, or quantized by `quant` after calibrating on
     the `calib` file) into `out` (`decode`: also the stateful prefill.onnx and decode_step.onnx of
-    a language model, see export/decode.py)."""
+    a language model, see export/decode.py; `image_size`: a Vision Mamba's, where its pos_embed
+    does not say it)."""
     from ..evaluate import classification_metrics
     from ..load.checkpoints import load_checkpoint
     from ..load.data import mnist_splits
@@ -31,7 +33,7 @@ def run_export(checkpoint: str | Path, out: str | Path, quant: QuantConfig | Non
     if opset is not None and not 18 <= opset <= 21:
         raise MQExportError(f"opset {opset} is not supported; choose 18–21 (21 for INT4 weights)")
     t0 = time.perf_counter()
-    model = load_checkpoint(checkpoint)   # rejects bad checkpoints before anything is written
+    model = load_checkpoint(checkpoint, image_size)   # rejects bad checkpoints before anything is written
     is_lm = is_language_model(model)
     # Without a method the file only stands in for evaluation data, which a classifier of MNIST's
     # shape has bundled: there it would be read for nothing, most likely a forgotten --method.

@@ -114,20 +114,22 @@ def onnx_stage(model: nn.Module, staging: Path, evaluation: Evaluation, referenc
     `reference_logits` are PyTorch's for the same model (fp32 or fake-quant); task metrics are
     scored against `fp32_logits` when given."""
     from ..export.onnx import export_onnx
-    from ..runtime.ort import int8_matmul_policy, session
+    from ..runtime.ort import int8_matmul_policy, scan_implementation, session
 
     seconds = {}
     t0 = time.perf_counter()
     _, info = export_onnx(model, staging / ONNX_NAME, opset=opset)
     seconds["export_onnx"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    int8_matmul = int8_matmul_policy()
-    logits = ort_logits(session(staging / ONNX_NAME, threads=1, int8_matmul=int8_matmul), evaluation.inputs,
-                        evaluation.batch_size, "onnxruntime", quiet)
+    int8_matmul, scan = int8_matmul_policy(), scan_implementation()
+    logits = ort_logits(session(staging / ONNX_NAME, threads=1, int8_matmul=int8_matmul, scan=scan),
+                        evaluation.inputs, evaluation.batch_size, "onnxruntime", quiet)
     seconds["onnxruntime"] = time.perf_counter() - t0
     block = evaluation.score(logits, fp32_logits)
     block.update(logits_errors(logits, reference_logits))
-    return Exported(block, {**info.to_dict(), "int8_matmul": int8_matmul.to_dict()}, seconds)
+    block["scan_implementation"] = scan.name
+    return Exported(block, {**info.to_dict(), "int8_matmul": int8_matmul.to_dict(), "ort_scan": scan.to_dict()},
+                    seconds)
 
 
 def run_pipeline(job: Job, staging: Path) -> Report:

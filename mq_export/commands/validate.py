@@ -148,6 +148,10 @@ def _validation_data(torch_model: nn.Module, model: str | Path, data: str | Path
     if _mnist_shaped(torch_model):
         _, evaluation = mnist_splits(limit)
         return evaluation.inputs, evaluation.labels, classification_metrics, evaluation.name, 64
+    cfg = torch_model.cfg
+    if not hasattr(cfg, "d_input"):   # an image classifier (Vision Mamba)
+        raise MQExportError(f"{model} has no bundled evaluation data; pass --data FILE: a .pt/.npy float tensor "
+                            f"(n, {cfg.in_chans}, {cfg.image_size}, {cfg.image_size}) of its images")
     raise MQExportError(f"{model} has no bundled evaluation data (d_input {torch_model.cfg.d_input}, "
                         f"{torch_model.cfg.n_classes} classes); pass --data FILE: a .pt/.npy float tensor "
                         f"(n, L, {torch_model.cfg.d_input}) of its inputs")
@@ -155,7 +159,7 @@ def _validation_data(torch_model: nn.Module, model: str | Path, data: str | Path
 
 def _mnist_shaped(model: nn.Module) -> bool:
     """A classifier that takes MNIST's pixel sequences: evaluated on the bundled MNIST split."""
-    return model.cfg.d_input == 1 and model.cfg.n_classes == 10
+    return getattr(model.cfg, "d_input", None) == 1 and model.cfg.n_classes == 10
 
 
 def _shape_text(shape) -> str:
@@ -188,7 +192,7 @@ def _check_graph_fits(sess, onnx_path: Path, model: str | Path, inputs: Tensor, 
 
 
 def validate_onnx_file(onnx_path: str | Path, model: str | Path = "mnist", limit: int | None = 2000,
-                       batch_size: int | None = None, scan_kernel: bool = False, quiet: bool = False,
+                       batch_size: int | None = None, scan: str | None = None, quiet: bool = False,
                        data: str | Path | None = None, max_rel_error: float | None = None,
                        min_agreement: float | None = None) -> dict:
     """ONNX Runtime vs the FP32 PyTorch model (`model`: a bundled name or a checkpoint of the
@@ -197,7 +201,7 @@ def validate_onnx_file(onnx_path: str | Path, model: str | Path = "mnist", limit
     FP32_TOLERANCES or QDQ_TOLERANCES by the graph's kind; `failed` says what missed)."""
     from ..api import load
     from ..runtime.engine import is_quantized, load_onnx
-    from ..runtime.ort import int8_matmul_policy, session
+    from ..runtime.ort import int8_matmul_policy, scan_implementation, session
 
     onnx_path = Path(onnx_path)
     quantized = is_quantized(load_onnx(onnx_path))
@@ -207,8 +211,8 @@ def validate_onnx_file(onnx_path: str | Path, model: str | Path = "mnist", limit
     torch_model = load(model)
     inputs, labels, metrics, data_name, default_batch = _validation_data(torch_model, model, data, limit)
     batch_size = batch_size or default_batch
-    int8_matmul = int8_matmul_policy()
-    sess = session(onnx_path, scan_kernel=scan_kernel, threads=1, int8_matmul=int8_matmul)
+    int8_matmul, scan_impl = int8_matmul_policy(), scan_implementation(scan)
+    sess = session(onnx_path, scan=scan_impl, threads=1, int8_matmul=int8_matmul)
     with torch.inference_mode():
         _check_graph_fits(sess, onnx_path, model, inputs, torch_model(inputs[:1]))
     name = sess.get_inputs()[0].name
@@ -220,7 +224,7 @@ def validate_onnx_file(onnx_path: str | Path, model: str | Path = "mnist", limit
     torch_seconds = time.perf_counter() - t0
     result = {"model": str(model), "onnx": str(onnx_path), "data": data_name, "samples": len(inputs),
               "graph": "Q/DQ" if quantized else "FP32",
-              "scan": "registered kernel" if scan_kernel else "function body",
+              "scan": scan_impl.to_dict(),
               "int8_matmul": int8_matmul.to_dict()}
     if metrics is not None:
         result["onnxruntime"] = metrics(ort_out, labels, ref_logits)

@@ -1,20 +1,22 @@
-"""ONNX export of stateful decoding for a language model (a family with `state_kinds`, e.g.
-`MambaLMHeadModel`): prefill and step graphs.
+"""ONNX export of stateful decoding for a language model (a family with `state_kinds`:
+`MambaLMHeadModel`, `Mamba2LM`): prefill and step graphs.
 
-A Mamba-1 layer's whole memory is two tensors, so a decoder carries per layer
-    conv_state (batch, d_inner, d_conv − 1): the last inputs of the causal depthwise conv,
-    ssm_state  (batch, d_inner, d_state):    the selective-scan state h,
-and `MambaLMHeadModel.forward(input_ids, state)` continues a sequence from them (the same code as
-the full-sequence forward; the scan runs with `initial_state` and `return_last_state`).
+A Mamba layer's whole memory is two FP32 tensors, so a decoder carries per layer
+    conv_state: the last inputs of the causal depthwise conv,
+        (batch, d_inner, d_conv − 1) for Mamba-1, (batch, conv_dim, d_conv − 1) for Mamba-2 (x, B, C),
+    ssm_state: the scan state h,
+        (batch, d_inner, d_state) for Mamba-1, (batch, heads, headdim, d_state) for Mamba-2,
+and `model.forward(input_ids, state)` continues a sequence from them (the same code as the
+full-sequence forward; the scan runs with an initial state and returns its final state).
 
 ONNX (`export_decode`), in the style of ORT GenAI / optimum past-state inputs:
     inputs   input_ids (batch, length) int64, past_conv_state.{i}, past_ssm_state.{i}
     outputs  logits (batch, length, vocab), present_conv_state.{i}, present_ssm_state.{i}
 Two files from the same module: `decode_step.onnx` with length fixed to 1 (the scan function
 body unrolled for one step), and `prefill.onnx` with dynamic length (scan body in chunks), which
-takes the prompt with zero past states. Both hold the same custom SelectiveScan node as the
-full-sequence graph, with has_initial_state=1 and return_last_state=1, and the same Q/DQ sites
-and scales (they are exported from the same quantized module).
+takes the prompt with zero past states. Both hold the same custom scan node as the
+full-sequence graph (SelectiveScan or SSDScan), taking the initial state and returning the final
+one, and the same Q/DQ sites and scales (they are exported from the same quantized module).
 """
 from __future__ import annotations
 

@@ -1,23 +1,26 @@
-"""ONNX export: any module whose scans are `SelectiveScanOp` submodules, with Q/DQ at the quant sites.
+"""ONNX export: any module whose scans are `SelectiveScanOp` / `SSDScanOp` submodules, with Q/DQ at
+the quant sites.
 
 How the graph is made:
 
-* The module is traced by `torch.onnx.export(dynamo=True)` while three kinds of its own
+* The module is traced by `torch.onnx.export(dynamo=True)` while four kinds of its own
   submodules are translated (`_translated`: their `forward`, on these instances only): each
-  `SelectiveScanOp` emits ONE `SelectiveScan` node of the project domain (op contract:
-  `ops/spec.py`); each nn.Linear emits a weight marker so its weight becomes a [in, out] MatMul
-  operand; each `ActivationSite` whose quantizer is a `qspec.FakeQuantize` emits a site marker.
-  Nothing else about the model changes, so rotations/smoothing the quantize stage folded
-  into weights are simply the exported initializers, and online ops (`out_proj_input_rotation`,
-  `gate_scale`) are ordinary MatMul/Mul/Sigmoid nodes.
+  `SelectiveScanOp` emits ONE `SelectiveScan` node of the project domain, each `SSDScanOp` ONE
+  `SSDScan` node (op contracts: `ops/spec.py`); each nn.Linear emits a weight marker so its
+  weight becomes a [in, out] MatMul operand; each `ActivationSite` whose quantizer is a
+  `qspec.FakeQuantize` emits a site marker. Nothing else about the model changes, so
+  rotations/smoothing the quantize stage folded into weights are simply the exported
+  initializers, and online ops (`out_proj_input_rotation`, `gate_scale`) are ordinary
+  MatMul/Mul/Sigmoid nodes.
 * The markers are then rewritten with onnx-graphsurgeon: a site marker becomes
   QuantizeLinear→DequantizeLinear with the site's `ActQuant`; a weight marker becomes either a
   float [in, out] initializer or, when the Linear carries `weight_quant`, an integer initializer
   (INT8, or INT4 at opset ≥ 21) with one DequantizeLinear (per-channel on axis 1, or blocked along
   the input dimension with `block_size` = `WeightQuant.group_size`).
-* The `SelectiveScan` node gets a local function (FunctionProto) of the same domain/name that
-  computes the scan with standard ops (`scan_function`), so any ONNX runtime can run the file;
-  a registered kernel (ORT custom op, TensorRT plugin) takes precedence over it.
+* Each scan op type gets a local function (FunctionProto) of the same domain/name that computes
+  the scan with standard ops (`scan_function`; `ssd_function.ssd_function` for SSDScan), so any
+  ONNX runtime can run the file; a registered kernel (ORT custom op, TensorRT plugin) takes
+  precedence over it. An export holds one variant (attribute set) per op type.
 * Initializer bytes stay out of the ModelProto until the file is written (`_Initializers`): the
   rewrite, shape inference and checks work on a proto of a few MB at any model size, and a model
   with more than `EXTERNAL_DATA_BYTES` of weights is written as `model.onnx` + `model.onnx.data`
@@ -28,22 +31,26 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import math
 import threading
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, helper, numpy_helper
+from onnx import AttributeProto, TensorProto, helper, numpy_helper
 from torch import Tensor, nn
 
 from ..errors import MQExportError
 from ..ops.selective_scan import DeltaProjection, SelectiveScanOp
-from ..ops.spec import SCAN_DOMAIN, SCAN_DOMAIN_VERSION, SCAN_OP_TYPE, SelectiveScanSpec
+from ..ops.spec import SCAN_DOMAIN, SCAN_DOMAIN_VERSION, SelectiveScanSpec, SSDScanSpec
+from ..ops.ssd_scan import NO_DT_LIMIT, SSDScanOp
 from ..quant.qspec import ActQuant, FakeQuantize, WeightQuant
+from .onnx_builder import Builder
+from .ssd_function import ssd_function
 
 MARK_DOMAIN = "mq_export.mark"   # temporary marker nodes; none survive in the written file
 MIN_OPSET, MAX_OPSET = 18, 21   # torch's exporter writes opset ≥ 18
@@ -65,13 +72,18 @@ class ExportInfo:
     """What the exporter did, for report.json."""
     opset: int
     scan_nodes: int = 0
-    scan_spec: dict = field(default_factory=dict)
+    reverse_scan_nodes: int = 0        # of scan_nodes, those scanning from the last step (Vision Mamba)
+    scan_spec: dict = field(default_factory=dict)   # the variant's attributes but `reverse`, which varies per node
+    ssd_scan_nodes: int = 0
+    ssd_scan_spec: dict = field(default_factory=dict)
     activation_sites: list[str] = field(default_factory=list)      # sites with Q/DQ
     quantized_weights: dict[str, str] = field(default_factory=dict)  # param → "int8 per-channel" …
     external_data: str | None = None   # the weights file next to the model (relative name), if any
 
     def to_dict(self) -> dict:
-        return {"opset": self.opset, "scan_nodes": self.scan_nodes, "scan_spec": self.scan_spec,
+        return {"opset": self.opset, "scan_nodes": self.scan_nodes, "reverse_scan_nodes": self.reverse_scan_nodes,
+                "scan_spec": self.scan_spec,
+                "ssd_scan_nodes": self.ssd_scan_nodes, "ssd_scan_spec": self.ssd_scan_spec,
                 "qdq_activation_sites": self.activation_sites, "quantized_weights": self.quantized_weights,
                 "external_data": self.external_data}
 
@@ -165,28 +177,48 @@ def _tensor_nbytes(tensor: onnx.TensorProto) -> int:
 class _Trace:
     def __init__(self) -> None:
         self.specs: list[SelectiveScanSpec] = []
+        self.ssd_specs: list[SSDScanSpec] = []
         self.sites: dict[str, ActQuant] = {}
+
+
+def _op_node(spec: SelectiveScanSpec | SSDScanSpec, inputs: list[Tensor], shapes: list[tuple]):
+    """One node of the project domain for `spec` (op type and attributes from ops/spec.py); its
+    outputs have the first input's dtype and `shapes`: one tensor, or a tuple for several."""
+    op, dtype = f"{SCAN_DOMAIN}::{spec.op_type}", inputs[0].dtype
+    if len(shapes) == 1:
+        return torch.onnx.ops.symbolic(op, inputs, spec.attributes(), dtype=dtype, shape=shapes[0],
+                                       version=SCAN_DOMAIN_VERSION)
+    return tuple(torch.onnx.ops.symbolic_multi_out(op, inputs, spec.attributes(), dtypes=[dtype] * len(shapes),
+                                                   shapes=shapes, version=SCAN_DOMAIN_VERSION))
 
 
 def _scan_as_node(trace: _Trace):
     def selective_scan_node(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                            return_last_state=False, initial_state=None):
+                            return_last_state=False, initial_state=None, reverse=False):
         spec = SelectiveScanSpec(delta_softplus=bool(delta_softplus), has_D=D is not None, has_z=z is not None,
                                  has_delta_bias=delta_bias is not None,
                                  has_initial_state=initial_state is not None,
-                                 return_last_state=bool(return_last_state))
+                                 return_last_state=bool(return_last_state), reverse=bool(reverse))
         trace.specs.append(spec)
         inputs = [u, delta, A, B, C] + [t for t in (D, z, delta_bias, initial_state) if t is not None]
-        op = f"{SCAN_DOMAIN}::{SCAN_OP_TYPE}"
-        if not return_last_state:
-            return torch.onnx.ops.symbolic(op, inputs, spec.attributes(), dtype=u.dtype, shape=u.shape,
-                                           version=SCAN_DOMAIN_VERSION)
         b, d, _ = u.shape
-        y, h = torch.onnx.ops.symbolic_multi_out(op, inputs, spec.attributes(), dtypes=[u.dtype, u.dtype],
-                                                 shapes=[u.shape, (b, d, A.shape[1])],
-                                                 version=SCAN_DOMAIN_VERSION)
-        return y, h
+        return _op_node(spec, inputs, [u.shape, (b, d, A.shape[1])][:1 + bool(return_last_state)])
     return selective_scan_node
+
+
+def _ssd_scan_as_node(trace: _Trace):
+    def ssd_scan_node(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, dt_limit=NO_DT_LIMIT,
+                      initial_state=None, return_final_state=False):
+        spec = SSDScanSpec(dt_softplus=bool(dt_softplus), has_D=D is not None,
+                           D_has_hdim=D is not None and D.dim() == 2, has_z=z is not None,
+                           has_dt_bias=dt_bias is not None,
+                           has_initial_state=initial_state is not None, return_final_state=bool(return_final_state),
+                           dt_min=float(dt_limit[0]), dt_max=float(dt_limit[1]))
+        trace.ssd_specs.append(spec)
+        inputs = [x, dt, A, B, C] + [t for t in (D, z, dt_bias, initial_state) if t is not None]
+        b, _, h, p = x.shape
+        return _op_node(spec, inputs, [x.shape, (b, h, p, B.shape[-1])][:1 + bool(return_final_state)])
+    return ssd_scan_node
 
 
 def _linear_marker(linear: nn.Linear):
@@ -213,14 +245,17 @@ def _site_marker(name: str):
 @contextlib.contextmanager
 def _translated(model: nn.Module, trace: _Trace) -> Iterator[None]:
     """While tracing, this model's own modules emit the export's nodes: each `SelectiveScanOp` one
-    SelectiveScan node, each nn.Linear (or DeltaProjection) a weight marker, each ActivationSite with
-    a `FakeQuantize` a site marker. Only `forward` attributes of these instances change, and each is restored to what
-    it was (so translations nest); nothing module- or process-wide is touched. The caller holds
-    `_TRACER_LOCK`, so no other thread's export sees these instances meanwhile."""
+    SelectiveScan node, each `SSDScanOp` one SSDScan node, each nn.Linear (or DeltaProjection) a
+    weight marker, each ActivationSite with a `FakeQuantize` a site marker. Only `forward`
+    attributes of these instances change, and each is restored to what it was (so translations
+    nest); nothing module- or process-wide is touched. The caller holds `_TRACER_LOCK`, so no
+    other thread's export sees these instances meanwhile."""
     replacements: list[tuple[nn.Module, Callable]] = []
     for name, module in model.named_modules():
         if isinstance(module, SelectiveScanOp):
             replacements.append((module, _scan_as_node(trace)))
+        elif isinstance(module, SSDScanOp):
+            replacements.append((module, _ssd_scan_as_node(trace)))
         elif type(module).forward in (nn.Linear.forward, DeltaProjection.forward):
             replacements.append((module, _linear_marker(module)))
         elif isinstance(module, nn.Linear) and getattr(module, "weight_quant", None) is not None:
@@ -251,29 +286,6 @@ _TRACER_LOCK = threading.RLock()
 
 # ------------------------------------------------------------------ the scan as standard ops
 
-class _Builder:
-    """Tiny helper to write ONNX nodes with unique value names."""
-
-    def __init__(self, prefix: str) -> None:
-        self.prefix = prefix
-        self.nodes: list[onnx.NodeProto] = []
-        self.count = 0
-
-    def __call__(self, op: str, inputs: Sequence[str], n_out: int | None = None, **attrs) -> str | list[str]:
-        """One output name, or a list of `n_out` names when `n_out` is given (even if it is 1)."""
-        self.count += 1
-        outs = [f"{self.prefix}{op.lower()}{self.count}_{i}" for i in range(n_out or 1)]
-        self.nodes.append(helper.make_node(op, list(inputs), outs, name=f"{self.prefix}{op}{self.count}", **attrs))
-        return outs if n_out is not None else outs[0]
-
-    def const(self, value, dtype=np.int64) -> str:
-        self.count += 1
-        name = f"{self.prefix}c{self.count}"
-        self.nodes.append(helper.make_node("Constant", [], [name], name=f"{self.prefix}Constant{self.count}",
-                                           value=numpy_helper.from_array(np.asarray(value, dtype=dtype), name)))
-        return name
-
-
 def scan_function(spec: SelectiveScanSpec, opset: int, chunk: int = DEFAULT_CHUNK) -> onnx.FunctionProto:
     """The SelectiveScan semantics (scan.selective_scan_reference) as an ONNX local function.
 
@@ -289,9 +301,14 @@ def scan_function(spec: SelectiveScanSpec, opset: int, chunk: int = DEFAULT_CHUN
     length). Each step's (b, n, d) decay and input are formed where they are used; computing a
     chunk's slabs at once and splitting them apart was ~10% slower in ORT (the extra copies).
     Padded steps have Δ = 0, so they leave the state unchanged and the final state is exact.
+
+    One body serves both directions: it reads the node's `reverse` attribute (an attribute
+    reference, so `spec.reverse` does not matter here) and, when set, puts the time-major inputs
+    in scan order (a Slice with step -1) and y back in time order. For a forward node the Slices
+    are full-range with step 1, which ONNX Runtime removes once it inlines the constant attribute.
     """
     T = int(chunk)
-    f = _Builder("ss_")
+    f = Builder("ss_")
     inputs = spec.input_names()
     c = f.const
     # Δ (b, d, l)
@@ -309,6 +326,16 @@ def scan_function(spec: SelectiveScanSpec, opset: int, chunk: int = DEFAULT_CHUN
     du_t = f("Transpose", [du], perm=[2, 0, 1])                               # (l, b, d)
     b_t = f("Transpose", ["B"], perm=[2, 0, 1])                               # (l, b, n)
     c_t = f("Transpose", ["C"], perm=[2, 0, 1])                               # (l, b, n)
+    reverse = f("Constant", [])
+    f.nodes[-1].attribute.append(helper.make_attribute_ref("value_int", AttributeProto.INT, ref_attr_name="reverse"))
+    step = f("Reshape", [f("Sub", [c(1), f("Mul", [c(2), reverse])]), c([1])])   # [1] forward, [-1] reverse
+    # start 0 / -1 (the last step); end past the far edge either way (Slice clamps it)
+    starts, ends = f("Neg", [f("Reshape", [reverse, c([1])])]), f("Mul", [step, c([np.iinfo(np.int64).max])])
+
+    def in_scan_order(x: str) -> str:                       # time-major; its own inverse
+        return f("Slice", [x, starts, ends, c([0]), step])
+
+    dlt_t, du_t, b_t, c_t = (in_scan_order(x) for x in (dlt_t, du_t, b_t, c_t))
     a_t = f("Transpose", ["A"], perm=[1, 0])                                  # (n, d)
     shape_u = f("Shape", ["u"])
     batch = f("Slice", [shape_u, c([0]), c([1])])
@@ -334,7 +361,7 @@ def scan_function(spec: SelectiveScanSpec, opset: int, chunk: int = DEFAULT_CHUN
                value=numpy_helper.from_array(np.zeros(1, np.float32)))
 
     # ---- Loop body: one chunk of T steps
-    g = _Builder("body_")
+    g = Builder("body_")
     it, cond_in, h_in = "body_iter", "body_cond", "body_h"
     ones = g.const([1] * T)
     # Split the chunk's small per-step tensors (b·d or b·n values each), then form each step's
@@ -362,7 +389,7 @@ def scan_function(spec: SelectiveScanSpec, opset: int, chunk: int = DEFAULT_CHUN
     # An explicit `true` condition: onnx's reference evaluator skips a Loop whose cond is omitted.
     h_last, y_chunks = f("Loop", [trip, c(True, np.bool_), h0], n_out=2, body=body)  # (1,b,n,d), (nc,T,b,1,d)
     y = f("Reshape", [y_chunks, f("Concat", [c([-1]), batch, d_inner], axis=0)])
-    y = f("Slice", [y, c([0]), length, c([0])])                              # (l, b, d)
+    y = in_scan_order(f("Slice", [y, c([0]), length, c([0])]))               # (l, b, d)
     y = f("Transpose", [y], perm=[1, 2, 0])                                  # (b, d, l)
     if spec.has_D:
         y = f("Add", [y, f("Mul", ["u", f("Unsqueeze", ["D", c([-1])])])])
@@ -374,7 +401,7 @@ def scan_function(spec: SelectiveScanSpec, opset: int, chunk: int = DEFAULT_CHUN
         f.nodes.append(helper.make_node("Transpose", [f("Squeeze", [h_last, c([0])])], ["final_state"],
                                         perm=[0, 2, 1], name="ss_Transpose_h"))
         outputs.append("final_state")
-    return helper.make_function(SCAN_DOMAIN, SCAN_OP_TYPE, inputs, outputs, f.nodes,
+    return helper.make_function(SCAN_DOMAIN, spec.op_type, inputs, outputs, f.nodes,
                                 [helper.make_opsetid("", opset)], attributes=list(spec.attributes()))
 
 
@@ -518,7 +545,8 @@ def export_module(model: nn.Module, args: tuple, path: str | Path | None = None,
                   chunk: int = DEFAULT_CHUNK, check: bool = True,
                   external_data: bool | None = None) -> tuple[onnx.ModelProto, ExportInfo]:
     """Export `model(*args)` to ONNX: one `SelectiveScan` node (+ local function) per call of a
-    `SelectiveScanOp` submodule (a scan must go through one: the exporter translates those),
+    `SelectiveScanOp` submodule and one `SSDScan` node per call of an `SSDScanOp` (a scan must go
+    through one: the exporter translates those),
     Q/DQ at every `ActivationSite` with a `FakeQuantize`, integer weights for Linears with
     `weight_quant`. `dynamic_axes` maps input/output names to {axis: dim name}. Returns the model
     (also written to `path` if given) and what was exported. Deterministic for the same inputs.
@@ -572,15 +600,27 @@ def export_module(model: nn.Module, args: tuple, path: str | Path | None = None,
     initializers = _Initializers()
     proto = initializers.take_from(program)
     del program
-    specs = set(trace.specs)
+    # One function body serves both scan directions (it reads each node's `reverse`).
+    specs = {replace(s, reverse=False) for s in trace.specs}
     if len(specs) > 1:
         raise MQExportError("the model runs its SelectiveScanOps with different settings "
                             f"({sorted(map(str, specs))}); one export holds one SelectiveScan variant")
     spec = next(iter(specs)) if specs else None
     info.scan_nodes = len(trace.specs)
-    info.scan_spec = dict(spec.attributes()) if spec is not None else {}
+    info.reverse_scan_nodes = sum(s.reverse for s in trace.specs)
+    info.scan_spec = {k: v for k, v in (spec.attributes() if spec is not None else {}).items() if k != "reverse"}
+    # SSDScan nodes get their own function: a model may hold one variant of each op type.
+    ssd_specs = set(trace.ssd_specs)
+    if len(ssd_specs) > 1:
+        raise MQExportError("the model runs its SSDScanOps with different settings "
+                            f"({sorted(map(str, ssd_specs))}); one export holds one SSDScan variant")
+    ssd_spec = next(iter(ssd_specs)) if ssd_specs else None
+    info.ssd_scan_nodes = len(trace.ssd_specs)
+    # JSON has no infinity (the report is strict JSON): an unlimited dt_max is reported as null.
+    info.ssd_scan_spec = {k: None if v == math.inf else v
+                          for k, v in (ssd_spec.attributes() if ssd_spec is not None else {}).items()}
     proto = _rewrite_markers(proto, model, trace, info, opset, initializers)
-    proto = _finish(proto, spec, opset, chunk, input_names, output_names, dynamic_axes)
+    proto = _finish(proto, spec, ssd_spec, opset, chunk, input_names, output_names, dynamic_axes)
     _save(proto, initializers, path, info, external_data, check, type(model).__name__)
     return proto, info
 
@@ -608,15 +648,17 @@ def _save(proto: onnx.ModelProto, initializers: _Initializers, path: str | Path 
         check_model(proto if path is None else path)
 
 
-def _finish(proto: onnx.ModelProto, spec: SelectiveScanSpec | None, opset: int, chunk: int,
-            input_names, output_names, dynamic_axes) -> onnx.ModelProto:
-    """Opset, function, names of dynamic dims, metadata; stable bytes."""
+def _finish(proto: onnx.ModelProto, spec: SelectiveScanSpec | None, ssd_spec: SSDScanSpec | None, opset: int,
+            chunk: int, input_names, output_names, dynamic_axes) -> onnx.ModelProto:
+    """Opset, the scan ops' functions, names of dynamic dims, metadata; stable bytes."""
     domains = {o.domain: o.version for o in proto.opset_import}
     domains[""] = opset
-    if spec is not None:
+    functions = ([scan_function(spec, opset, chunk)] if spec is not None else []) + (
+        [ssd_function(ssd_spec, opset)] if ssd_spec is not None else [])
+    if functions:
         domains[SCAN_DOMAIN] = SCAN_DOMAIN_VERSION
         del proto.functions[:]
-        proto.functions.append(scan_function(spec, opset, chunk))
+        proto.functions.extend(functions)
     domains.pop(MARK_DOMAIN, None)
     del proto.opset_import[:]
     proto.opset_import.extend(helper.make_opsetid(d, v) for d, v in sorted(domains.items()))

@@ -10,7 +10,11 @@ from .charlm import CHARLM_DIR, CharTokenizer, charlm_splits, lm_metrics
 from .data import Split, mnist_splits
 from ..errors import MQExportError
 from ..evaluate import classification_metrics
-from .checkpoints import BUNDLED_CLASSIFIER, load_classifier, load_lm
+from .checkpoints import ASSETS, BUNDLED_CLASSIFIER, load_classifier, load_lm, load_vim
+from .mnist_vim import mnist_vim_splits
+
+MAMBA2_CHARLM_DIR = ASSETS / "shakespeare-mamba2"
+MNIST_VIM = ASSETS / "mnist-vim" / "vim_mnist.pth"
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,24 @@ BUNDLED: dict[str, BundledModel] = {
         metrics=lm_metrics,
         batch_size=16,
         tokenizer=CharTokenizer.load,
+    ),
+    "shakespeare-mamba2": BundledModel(
+        name="shakespeare-mamba2",
+        description="character-level LM on tinyshakespeare, 4 Mamba-2 layers (d_model 128, 8 heads × 32, d_state 64), "
+                    "mamba-ssm Mamba2 layout; shakespeare-charlm's tokenizer, calibration slice and test split",
+        load=lambda: load_lm(MAMBA2_CHARLM_DIR),
+        splits=charlm_splits,
+        metrics=lm_metrics,
+        batch_size=16,
+        tokenizer=CharTokenizer.load,
+    ),
+    "mnist-vim": BundledModel(
+        name="mnist-vim",
+        description="Vision Mamba on 28×28 MNIST images (patch 4, middle class token, 6 bimamba-v2 layers, "
+                    "embed 96), hustvl/Vim layout; trained, calibrated and evaluated on disjoint test-set slices",
+        load=lambda: load_vim(MNIST_VIM),
+        splits=mnist_vim_splits,
+        metrics=classification_metrics,
     ),
 }
 

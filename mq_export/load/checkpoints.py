@@ -5,6 +5,7 @@ Every failure is raised as an `MQExportError` naming the file and what is wrong 
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import re
@@ -20,6 +21,7 @@ from ..models.mamba import (ClassifierConfig, LMConfig, MambaLMHeadModel, MambaS
                             mixer_config_from_state, state_dims)
 from ..models.family import ModelFamily
 from ..models.registry import MAMBA_LM, family_for_config
+from ..models.vim import VisionMamba, vim_config_from_state
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 BUNDLED_CLASSIFIER = ASSETS / "mnist" / "Mamba_best.pth"
@@ -49,15 +51,17 @@ def _read_tensors(path: Path) -> dict[str, Tensor]:
                 from safetensors.torch import load_file
                 obj = load_file(str(path))
             else:
-                obj = torch.load(path, map_location="cpu", weights_only=True)
+                # hustvl/Vim's (DeiT's) training checkpoints keep their argparse settings next to the weights
+                with torch.serialization.safe_globals([argparse.Namespace]):
+                    obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch/safetensors raise many types for a file that is not a checkpoint
         raise MQExportError(f"{path} is not a readable PyTorch/safetensors checkpoint ({error_reason(exc)}); "
                             f"pass a .pth/.bin/.safetensors state dict") from None
-    if isinstance(obj, dict) and isinstance(obj.get("model_state_dict"), dict):
-        obj = obj["model_state_dict"]
+    if isinstance(obj, dict):
+        obj = next((obj[k] for k in ("model_state_dict", "model") if isinstance(obj.get(k), dict)), obj)
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
         raise MQExportError(f"{path} holds no state dict of tensors (expected a dict of tensors, "
-                            f"or one under 'model_state_dict')")
+                            f"or one under 'model_state_dict' or 'model')")
     return obj
 
 
@@ -81,7 +85,10 @@ def _load_strict(model: nn.Module, state: dict[str, Tensor], source: Path) -> No
 def load_classifier(path: str | Path = BUNDLED_CLASSIFIER) -> MambaSequenceClassifier:
     """A checkpoint of the bundled classifier's family; layers and sizes inferred from the weights."""
     path = Path(path)
-    state = _read_tensors(path)
+    return _classifier_from_state(_read_tensors(path), path)
+
+
+def _classifier_from_state(state: dict[str, Tensor], path: Path) -> MambaSequenceClassifier:
     layer_ids = {int(m.group(1)) for k in state if (m := re.match(r"layers\.(\d+)\.", k))}
     if "input_proj.weight" not in state or not layer_ids:
         raise MQExportError(f"{path} is not a Mamba sequence-classifier checkpoint "
@@ -377,22 +384,38 @@ def save_sharded(tensors: Iterable[tuple[str, Tensor]], directory: str | Path, m
 def save_mamba_ssm(model: MambaLMHeadModel, directory: str | Path) -> None:
     """Write `config.json` + `pytorch_model.bin` in mamba-ssm's `save_pretrained` layout."""
     cfg = model.cfg
-    m = cfg.mixer
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    config = {"d_model": m.d_model, "d_intermediate": 0, "n_layer": cfg.n_layer, "vocab_size": cfg.vocab_size,
-              "ssm_cfg": {"layer": "Mamba1", "d_state": m.d_state, "d_conv": m.d_conv, "expand": m.expand,
-                          "dt_rank": m.dt_rank if m.dt_rank is not None else "auto",
-                          "conv_bias": m.conv_bias, "bias": m.bias},
-              "attn_layer_idx": [], "attn_cfg": {}, "rms_norm": cfg.rms_norm, "residual_in_fp32": True,
-              "fused_add_norm": True, "pad_vocab_size_multiple": cfg.pad_vocab_size_multiple,
+    config = {"d_model": cfg.mixer.d_model, "n_layer": cfg.n_layer, "vocab_size": cfg.vocab_size,
+              **cfg.mamba_ssm_layers(), "attn_layer_idx": [], "attn_cfg": {}, "rms_norm": cfg.rms_norm,
+              "residual_in_fp32": True, "fused_add_norm": True, "pad_vocab_size_multiple": cfg.pad_vocab_size_multiple,
               "tie_embeddings": cfg.tie_embeddings, "norm_epsilon": cfg.norm_epsilon}
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     # Tied weights stay under both names, as mamba-ssm saves them (its loader is strict).
     torch.save(model.state_dict(), directory / "pytorch_model.bin")
 
 
-def load_checkpoint(path: str | Path) -> nn.Module:
-    """Dispatch on what `path` is: a directory → language model, a file → classifier family."""
+def load_vim(path: str | Path, image_size: int | None = None) -> VisionMamba:
+    """A hustvl/Vim checkpoint (its state dict, or a training checkpoint with it under "model");
+    sizes inferred from the weights, `image_size` overriding the one its pos_embed implies."""
     path = Path(path)
-    return load_lm(path) if path.is_dir() else load_classifier(path)
+    return _vim_from_state(_read_tensors(path), path, image_size)
+
+
+def _vim_from_state(state: dict[str, Tensor], path: Path, image_size: int | None) -> VisionMamba:
+    model = VisionMamba(vim_config_from_state(state, path, image_size))
+    _load_strict(model, state, path)
+    return model.eval()
+
+
+def load_checkpoint(path: str | Path, image_size: int | None = None) -> nn.Module:
+    """Dispatch on what `path` is: a directory → language model, a file → Vision Mamba (hustvl/Vim
+    names; `image_size` as for `load_vim`) or the classifier family."""
+    path = Path(path)
+    state = None if path.is_dir() else _read_tensors(path)
+    if state is not None and "patch_embed.proj.weight" in state:
+        return _vim_from_state(state, path, image_size)
+    if image_size is not None:
+        raise MQExportError(f"an image size applies to Vision Mamba checkpoints (patch_embed.proj.weight); "
+                            f"{path} is not one")
+    return load_lm(path) if state is None else _classifier_from_state(state, path)

@@ -218,6 +218,18 @@ class LMConfig:
         m = self.pad_vocab_size_multiple
         return self.vocab_size + (-self.vocab_size) % m
 
+    def build_block(self) -> Block:
+        """One residual block of this config (a family's LM config subclass builds its own)."""
+        return Block(self)
+
+    def mamba_ssm_layers(self) -> dict:
+        """The layer settings of mamba-ssm's config.json: `d_intermediate` and `ssm_cfg`."""
+        m = self.mixer
+        return {"d_intermediate": 0,
+                "ssm_cfg": {"layer": "Mamba1", "d_state": m.d_state, "d_conv": m.d_conv, "expand": m.expand,
+                            "dt_rank": m.dt_rank if m.dt_rank is not None else "auto",
+                            "conv_bias": m.conv_bias, "bias": m.bias}}
+
 
 class Block(nn.Module):
     """mamba-ssm's pre-norm residual block: residual += hidden; hidden = mixer(norm(residual))."""
@@ -243,7 +255,7 @@ class MambaBackbone(nn.Module):
         super().__init__()
         d = cfg.mixer.d_model
         self.embedding = nn.Embedding(cfg.padded_vocab_size, d)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.layers = nn.ModuleList(cfg.build_block() for _ in range(cfg.n_layer))
         self.norm_f = RMSNorm(d, cfg.norm_epsilon) if cfg.rms_norm else nn.LayerNorm(d, eps=cfg.norm_epsilon)
 
     def forward(self, input_ids: Tensor, state: list[LayerState] | None = None):

@@ -9,12 +9,15 @@ from .falcon_mamba import FalconMambaFamily
 from .family import LANGUAGE_MODEL, ModelFamily
 from .mamba import MambaLMFamily, SequenceClassifierFamily
 from .mamba2 import Mamba2LMFamily
+from .vim import VisionMambaFamily
 
 FAMILIES: tuple[ModelFamily, ...] = (SequenceClassifierFamily(), MambaLMFamily(), FalconMambaFamily(),
-                                     Mamba2LMFamily())
+                                     Mamba2LMFamily(), VisionMambaFamily())
 _BY_CLASS = {family.model_class: family for family in FAMILIES}
 HF_MODEL_TYPES = {model_type: family for family in FAMILIES for model_type in family.hf_model_types}
 MAMBA_LM = _BY_CLASS[MambaLMFamily.model_class]
+# mamba-ssm's config.json names its mixer in ssm_cfg.layer (default Mamba1).
+MAMBA_SSM_LAYERS = {"Mamba1": MAMBA_LM, "Mamba2": _BY_CLASS[Mamba2LMFamily.model_class]}
 CUSTOM_MODEL = CustomModelFamily()
 
 
@@ -33,7 +36,11 @@ def family_for_config(config: dict, source) -> tuple[ModelFamily, bool]:
     (`model_type`, `hidden_size`: HF transformers; `d_model` and no model_type: mamba-ssm's)."""
     model_type = config.get("model_type")
     if model_type is None:
-        return MAMBA_LM, "hidden_size" in config
+        layer = config["ssm_cfg"].get("layer", "Mamba1") if isinstance(config.get("ssm_cfg"), dict) else "Mamba1"
+        if not isinstance(layer, str) or layer not in MAMBA_SSM_LAYERS:
+            raise MQExportError(f"{source}: ssm_cfg.layer {layer!r} is not supported (supported: "
+                                f"{', '.join(repr(t) for t in MAMBA_SSM_LAYERS)})")
+        return MAMBA_SSM_LAYERS[layer], "hidden_size" in config
     if model_type not in HF_MODEL_TYPES:
         raise MQExportError(f"{source}: model_type {model_type!r} is not supported (supported: "
                             f"{', '.join(repr(t) for t in HF_MODEL_TYPES)})")

@@ -17,12 +17,14 @@ Rows = tuple[str, slice]   # a Linear's name and the output rows it writes to th
 class LinearStream:
     """writers → one reader Linear, nothing in between that a transform must pass, except possibly
     a weight-free RMSNorm (`smoothable=False`): an orthogonal rotation commutes with it, a
-    per-channel smoothing does not."""
+    per-channel smoothing does not; or an elementwise gate (`rotatable=False`, a gated MLP's
+    value ⊙ SiLU(gate)): a per-channel smoothing commutes with it, a rotation does not."""
     writers: tuple[Rows, ...]
     reader: str
     site: str                  # the ActivationSite at the reader's input
     dimension: str             # the width's name, for errors ("d_model", "dt_rank")
     smoothable: bool = True
+    rotatable: bool = True
 
 
 @dataclass(frozen=True)
@@ -38,10 +40,26 @@ class StateStream:
 
 
 @dataclass(frozen=True)
+class OnlineStateStream:
+    """Mamba-2's B and C: rows of in_proj, but they reach the scan through conv1d + SiLU, which no
+    per-channel scale passes, so C·s and B/s (exact for the scan, as in StateStream) are applied
+    online by the mixer (its `state_scale`, s per group and state channel) in front of B's and
+    C's sites. Its decay is one scalar per head, so a rotation of the state dimension, B·R and
+    C·R, is exact too (`state_rotation`)."""
+    mixer: str
+    b_site: str
+    c_site: str
+
+
+@dataclass(frozen=True)
 class GatedStream:
-    """A Mamba mixer's out_proj input, after the SiLU(z) gate: smoothing goes into the gate
-    (S-SiLU z·σ(s⊙z), z-rows of in_proj / s) and a rotation stays online before out_proj."""
+    """A Mamba mixer's out_proj input, after the SiLU(z) gate. A rotation stays online before
+    out_proj (the gate is elementwise, so no rotation passes it). Smoothing goes into the gate
+    (S-SiLU z·σ(s⊙z), z-rows of in_proj / s), or, where a gated RMSNorm (`norm`, Mamba-2's)
+    follows the gate, into that norm's weight: exact, and nothing more stays online."""
     mixer: str                 # the mixer's name; its sites are `{mixer}.sites.*`
+    norm: str | None = None
+    smoothable: bool = True    # False: the gate is applied inside the scan op, where no S-SiLU reaches
 
 
 @dataclass(frozen=True)
@@ -65,4 +83,4 @@ class NormedStream:
     what: str = "this stream"  # for errors: "a language model's residual stream"
 
 
-Stream = LinearStream | StateStream | GatedStream | NormedStream
+Stream = LinearStream | StateStream | OnlineStateStream | GatedStream | NormedStream

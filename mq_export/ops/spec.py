@@ -25,6 +25,10 @@ class SelectiveScanSpec:
     Inputs, in order, absent ones omitted: u (b,d,l), delta (b,d,l), A (d,n), B (b,n,l),
     C (b,n,l), D (d), z (b,d,l), delta_bias (d), initial_state (b,d,n).
     Outputs: y (b,d,l), then final_state (b,d,n) when return_last_state.
+    reverse: the recurrence runs from the last step to the first (the state at step t depends on
+    steps t..l-1; y stays in input order), as the backward branch of a bidirectional (Vision
+    Mamba) mixer needs; initial_state enters at the last step and final_state is the state after
+    step 0. Equal to flipping the time axis of u, delta, B, C, z, scanning forward, flipping y.
     """
 
     delta_softplus: bool = True
@@ -33,6 +37,7 @@ class SelectiveScanSpec:
     has_delta_bias: bool = True
     has_initial_state: bool = False
     return_last_state: bool = False
+    reverse: bool = False
 
     op_type = SCAN_OP_TYPE
     plugin_version = SCAN_PLUGIN_VERSION
@@ -57,6 +62,7 @@ class SelectiveScanSpec:
             "has_delta_bias": int(self.has_delta_bias),
             "has_initial_state": int(self.has_initial_state),
             "return_last_state": int(self.return_last_state),
+            "reverse": int(self.reverse),
             "plugin_version": SCAN_PLUGIN_VERSION,
             "plugin_namespace": SCAN_PLUGIN_NAMESPACE,
         }
@@ -116,3 +122,7 @@ class SSDScanSpec:
             "plugin_version": SSD_PLUGIN_VERSION,
             "plugin_namespace": SCAN_PLUGIN_NAMESPACE,
         }
+
+
+# Every op of the contract, by op_type: what the plugin description and the ORT library enumerate.
+OP_SPECS = {spec_class.op_type: spec_class for spec_class in (SelectiveScanSpec, SSDScanSpec)}

@@ -169,14 +169,18 @@ class QuantSettings:
     quantized_activation_sites: list[str]
     quantized_weights: list[str]
     calibration_split: str
+    # The kinds of online op the transforms inserted ("gate scale", "rotation", "state scale", …);
+    # None: those this method inserts in a Mamba-1 model.
+    online_kinds: tuple[str, ...] | None = None
 
     @property
     def floating_point(self) -> list[str]:
         """What stays in floating point: the fixed ops, plus this method's online transforms."""
         method = self.config.spec
-        online = [part for part, used in (("gate scale", method.smooth_gate), ("rotation", method.rotation))
-                  if used]
-        return [*FLOATING_POINT_OPS, *([f"online {' and '.join(online)}"] if online else [])]
+        online = (list(self.online_kinds) if self.online_kinds is not None else
+                  [part for part, used in (("gate scale", method.smooth_gate), ("rotation", method.rotation)) if used])
+        listed = ", ".join(online[:-1]) + " and " + online[-1] if len(online) > 1 else "".join(online)
+        return [*FLOATING_POINT_OPS, *([f"online {listed}"] if online else [])]
 
     @property
     def activations(self) -> str:

@@ -6,8 +6,9 @@ fake-quant forward and the ONNX Q/DQ exporter both read.
 Quant-site table (`quant_sites`): every ActivationSite input (each Linear input, the scan's B and
 C) and every Linear weight. The h·C product of the paper is inside the one custom scan op here,
 so it is quantized through its operands outside the op: C (scan_C) and the scan output y (the
-out_proj input, after the gate and the online rotation). The scan recurrence, Δ softplus, D skip,
-conv1d, norms, biases and the model input stay in floating point.
+out_proj input, after the gate — Mamba-2: the gated RMSNorm — and the online rotation). The scan
+recurrence and state, Δ softplus, D skip, conv1d, norms, biases and the model input stay in
+floating point; so do the online transforms (rotation, gate or state scale).
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ class Prepared:
     model: nn.Module
     sites: dict[str, SiteStats]
     online: list[str]     # transforms left as online ops (apply_transforms' description)
+    online_kinds: list[str]   # their kinds ("gate scale", "rotation", "state scale", "state rotation")
 
 
 def quant_sites(model: nn.Module) -> list[tuple[str, str | None]]:
@@ -148,11 +150,11 @@ def prepare(model: nn.Module, stats: CalibrationStats, cfg: QuantConfig, quiet: 
         raise MQExportError(f"--method {cfg.method} with {cfg.w_bits}-bit weights needs second moments of the "
                             f"activations; calibrate with covariance=True")
     if not (cfg.spec.smooths or cfg.spec.rotation):
-        return Prepared(copy.deepcopy(model), stats.sites, [])
+        return Prepared(copy.deepcopy(model), stats.sites, [], [])
     transformed, info = apply_transforms(model, stats, cfg.transforms())
     sites, _ = collect_site_stats(transformed, stats.inputs[:cfg.range_samples], stats.batch_size,
                                   covariance=cfg.use_gptq, desc=f"calibrate ({cfg.method})", quiet=quiet)
-    return Prepared(transformed, sites, info["online"])
+    return Prepared(transformed, sites, info["online"], info["online_kinds"])
 
 
 def quantize_prepared(prepared: Prepared, stats: CalibrationStats, cfg: QuantConfig,
@@ -180,6 +182,7 @@ def _quantize_model(model: nn.Module, prepared: Prepared, stats: CalibrationStat
     acts = set_activation_quantizers(model, prepared.sites, cfg, chosen)
     return model, QuantSettings(config=cfg, calibrator=chosen, calibrator_selection_kl=kls,
                                 calibrator_selection_samples=len(stats.selection_logits), online=prepared.online,
+                                online_kinds=tuple(prepared.online_kinds),
                                 quantized_activation_sites=acts, quantized_weights=weights,
                                 calibration_split=stats.split)
 

@@ -9,6 +9,9 @@ Where the math lets M be folded into weights it is; what cannot be folded stays 
   * the out_proj input rotation (after the SiLU gate): `MambaMixer.out_proj_input_rotation`;
   * the out_proj input smoothing, folded into the gate as S-SiLU z·σ(s⊙z) with z-rows of in_proj
     divided by s: `MambaMixer.gate_scale` (one elementwise multiply, the gate leaves the scan op).
+    Mamba-2 folds it into its gated RMSNorm's weight instead;
+  * Mamba-2's h·C smoothing and state rotation (B/s·R, C·s·R: conv1d + SiLU lie between in_proj
+    and B, C): `Mamba2Mixer.state_scale`, `Mamba2Mixer.state_rotation`.
 Rotations: `random_hadamard` (QuaRot) or `klt_rotation` R = K·H (K = eigenvectors of the
 calibration covariance at the site). All math is fp64; every random sign comes from one
 `torch.Generator` seeded by `seed`, so a seed gives bit-identical weights.
@@ -36,7 +39,7 @@ from ..errors import MQExportError
 from .hadamard import SUPPORTED_ORDERS, has_hadamard_matrix, random_hadamard
 from ..models.mamba import RMSNorm
 from ..models.registry import family_of
-from ..models.topology import GatedStream, LinearStream, NormedStream, StateStream, Stream
+from ..models.topology import GatedStream, LinearStream, NormedStream, OnlineStateStream, StateStream, Stream
 
 ROTATIONS = ("hadamard", "klt")
 
@@ -70,16 +73,18 @@ def klt_rotation(covariance: Tensor, generator: torch.Generator) -> Tensor:
 
 
 def fold_stream_transform(m: Tensor, m_inv: Tensor, writers=(), readers=(), embeddings=()) -> None:
-    """Make a stream x become x·M: writers (Linear, output-row slice) produce x·M, readers
-    (Linear) take x·M and give the original outputs, embeddings' rows become rows·M."""
+    """Make a stream x become x·M: writers (Linear, or a Conv writing the stream as its output
+    channels; output-row slice) produce x·M, readers (Linear) take x·M and give the original
+    outputs, embeddings (tables whose last dimension is the stream) become rows·M."""
     for linear, rows in writers:
-        linear.weight.data[rows] = m.T @ linear.weight.data[rows]
+        weight = linear.weight.data[rows]
+        linear.weight.data[rows] = (m.T @ weight.flatten(1)).view_as(weight)
         if linear.bias is not None:
             linear.bias.data[rows] = linear.bias.data[rows] @ m
     for linear in readers:
         linear.weight.data = linear.weight.data @ m_inv.T
-    for embedding in embeddings:
-        embedding.weight.data = embedding.weight.data @ m
+    for table in embeddings:
+        table.data = table.data @ m
 
 
 def smooth_then_rotate(s: Tensor | None, r: Tensor | None, d: int) -> tuple[Tensor, Tensor]:
@@ -118,10 +123,18 @@ class _Transformer:
         self.model, self.stats, self.cfg = model, stats, cfg
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.online: list[str] = []
+        self.online_kinds: list[str] = []   # what kinds stay online: "gate scale", "state rotation", …
         self.not_applied: list[str] = []
 
     def module(self, name: str) -> nn.Module:
         return self.model.get_submodule(name)
+
+    def table(self, name: str) -> nn.Parameter:
+        """An embedding's table: a parameter (a class token, a position embedding) or a module's weight."""
+        try:
+            return self.model.get_parameter(name)
+        except AttributeError:      # a module, nn.Embedding
+            return self.module(name).weight
 
     def site(self, name: str) -> SiteStats:
         if name not in self.stats.sites:
@@ -144,9 +157,14 @@ class _Transformer:
     def smoothing(self, site: SiteStats, reader: nn.Linear) -> Tensor:
         return smoothing_scales(site.absmax, reader.weight.data.abs().amax(0), self.cfg.alpha)
 
+    def keep_online(self, kind: str, description: str) -> None:
+        self.online.append(description)
+        if kind not in self.online_kinds:
+            self.online_kinds.append(kind)
+
     def apply(self, stream: Stream) -> None:
-        {LinearStream: self.linear_stream, StateStream: self.state_stream, GatedStream: self.gated_stream,
-         NormedStream: self.normed_stream}[type(stream)](stream)
+        {LinearStream: self.linear_stream, StateStream: self.state_stream, OnlineStateStream: self.online_state_stream,
+         GatedStream: self.gated_stream, NormedStream: self.normed_stream}[type(stream)](stream)
 
     def linear_stream(self, stream: LinearStream) -> None:
         """Smoothing and rotation both fold into the writers' rows and the reader."""
@@ -154,8 +172,11 @@ class _Transformer:
         smooth = self.cfg.smooth_inputs and stream.smoothable
         if self.cfg.smooth_inputs and not stream.smoothable:
             self.not_applied.append(f"{stream.site}: smoothing (a weight-free RMSNorm precedes {stream.reader})")
+        if self.cfg.rotation and not stream.rotatable:
+            self.not_applied.append(f"{stream.site}: rotation (an elementwise gate precedes {stream.reader})")
         s = self.smoothing(site, reader) if smooth else None
-        m, m_inv = smooth_then_rotate(s, self.rotation(_scaled_covariance(site, s), stream.dimension), site.channels)
+        rot = self.rotation(_scaled_covariance(site, s), stream.dimension) if stream.rotatable else None
+        m, m_inv = smooth_then_rotate(s, rot, site.channels)
         fold_stream_transform(m, m_inv, writers=[(self.module(w), rows) for w, rows in stream.writers],
                               readers=[reader])
 
@@ -167,29 +188,63 @@ class _Transformer:
         if not stream.smoothable:
             self.not_applied.append(f"{stream.b_site}, {stream.c_site}: state smoothing (B and C are RMS-normalised)")
             return
-        s = smoothing_scales(self.site(stream.b_site).absmax, self.site(stream.c_site).absmax, self.cfg.alpha)
+        s = self.state_scales(self.site(stream.b_site), self.site(stream.c_site))
         x_proj = self.module(stream.x_proj)
         x_proj.weight.data[stream.b_rows] /= s[:, None]
         x_proj.weight.data[stream.c_rows] *= s[:, None]
 
+    def online_state_stream(self, stream: OnlineStateStream) -> None:
+        """h·C smoothing that no weight can hold: the mixer divides B by s and multiplies C by s;
+        with a rotation method, then B·R and C·R, one R of the state dimension for every group
+        (exact: the decay is one scalar per head, so the state becomes h·R and y = h·R·Rᵀ·Cᵀ),
+        fitted to the smoothed B's and C's covariance over all groups."""
+        if not self.cfg.smooth_state:
+            return
+        mixer = self.module(stream.mixer)
+        if mixer.state_scale is not None:
+            raise MQExportError("model already has a state scale; transform the original model")
+        b_site, c_site = self.site(stream.b_site), self.site(stream.c_site)
+        s = self.state_scales(b_site, c_site)
+        mixer.state_scale = s
+        self.keep_online("state scale", f"{stream.mixer}.state_scale (B/s and C·s, elementwise, before the scan)")
+        if self.cfg.rotation is None:
+            return
+        groups, n = mixer.cfg.ngroups, mixer.cfg.d_state
+        smoothed = _scaled_covariance(b_site, s) + _scaled_covariance(c_site, 1 / s)   # of B/s and of C·s
+        per_group = smoothed.reshape(groups, n, groups, n).diagonal(dim1=0, dim2=2).sum(-1)
+        mixer.state_rotation = self.rotation(per_group, "d_state")
+        self.keep_online("state rotation", f"{stream.mixer}.state_rotation (B·R and C·R, {n}×{n} matmuls per group, "
+                                           f"before the scan)")
+
+    def state_scales(self, b_site: SiteStats, c_site: SiteStats) -> Tensor:
+        """s per state channel balancing B's and C's ranges (B/s, C·s)."""
+        return smoothing_scales(b_site.absmax, c_site.absmax, self.cfg.alpha)
+
     def gated_stream(self, stream: GatedStream) -> None:
-        """out_proj input: S-SiLU smoothing (z-rows of in_proj / s, gate σ(s⊙z)), then an online rotation."""
+        """out_proj input: smoothing into the gate (S-SiLU: z-rows of in_proj / s, gate σ(s⊙z)) or,
+        behind a gated RMSNorm, into its weight (folded, so SmoothQuant's too); then an online rotation."""
         mixer, prefix = self.module(stream.mixer), stream.mixer + "."
         d_inner = mixer.cfg.d_inner
         site = self.site(prefix + "sites.out_proj")
-        s = self.smoothing(site, mixer.out_proj) if self.cfg.smooth_gate else None
+        wanted = self.cfg.smooth_gate if stream.norm is None else self.cfg.smooth_inputs
+        if wanted and not stream.smoothable:
+            self.not_applied.append(f"{prefix}sites.out_proj: smoothing (the SiLU(z) gate is inside the scan op)")
+        s = self.smoothing(site, mixer.out_proj) if wanted and stream.smoothable else None
         rot = self.rotation(_scaled_covariance(site, s), "d_inner")
-        if s is not None:
+        if s is not None and stream.norm is not None:
+            self.module(stream.norm).weight.data /= s
+        elif s is not None:
             if mixer.gate_scale is not None:
                 raise MQExportError("model already has an S-SiLU gate scale; transform the original model")
             mixer.in_proj.weight.data[d_inner:] /= s[:, None]
             if mixer.in_proj.bias is not None:
                 mixer.in_proj.bias.data[d_inner:] /= s
             mixer.gate_scale = s.clone()
-            self.online.append(f"{prefix}gate_scale (S-SiLU z·σ(s⊙z), elementwise, outside the scan)")
+            self.keep_online("gate scale", f"{prefix}gate_scale (S-SiLU z·σ(s⊙z), elementwise, outside the scan)")
         if rot is not None:
             mixer.out_proj_input_rotation = rot.clone()
-            self.online.append(f"{prefix}out_proj_input_rotation ({d_inner}×{d_inner} matmul before out_proj)")
+            self.keep_online("rotation", f"{prefix}out_proj_input_rotation ({d_inner}×{d_inner} matmul before "
+                                         f"out_proj)")
         m, m_inv = smooth_then_rotate(s, rot, d_inner)
         fold_stream_transform(m, m_inv, readers=[mixer.out_proj])
 
@@ -201,9 +256,9 @@ class _Transformer:
         if cfg.rotation is None and not cfg.smooth_inputs:
             return
         readers = [(self.module(r.norm), self.module(r.reader), self.site(r.site), r.norm) for r in stream.readers]
-        embeddings = [self.module(e) for e in stream.embeddings]
+        embeddings = [self.table(e) for e in stream.embeddings]
         for _, reader, _, _ in readers:   # untie: a reader sharing an embedding's weight is transformed differently
-            if any(reader.weight is e.weight for e in embeddings):
+            if any(reader.weight is e for e in embeddings):
                 reader.weight = nn.Parameter(reader.weight.detach().clone())
         if cfg.rotation is None:
             for norm, reader, site, _ in readers:
@@ -245,7 +300,7 @@ def apply_transforms(model: nn.Module, stats: CalibrationStats, cfg: TransformCo
     with torch.no_grad():
         for stream in streams(out):
             t.apply(stream)
-    info = {**asdict(cfg), "online": t.online}
+    info = {**asdict(cfg), "online": t.online, "online_kinds": t.online_kinds}
     if t.not_applied:   # the family's topology forbids a transform the method asks for
         info["not_applied"] = t.not_applied
     return out.float(), info

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence
 
 from mq_export.errors import MQExportError, error_reason
-from mq_export.ops.spec import SCAN_OP_TYPE
+from mq_export.ops.spec import OP_SPECS, SCAN_DOMAIN
 
 if TYPE_CHECKING:
     import numpy as np
@@ -174,11 +174,12 @@ def build_engine(onnx_path: str | Path, plugin_path: str | Path, out_path: str |
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)).replace("\n", " ") for i in range(parser.num_errors))
         raise MQExportError(f"TensorRT could not parse {onnx_path}: {errors}")
-    scan_nodes = sum(node.op_type == SCAN_OP_TYPE for node in model.graph.node)
+    scan_nodes = sum(node.domain == SCAN_DOMAIN and node.op_type in OP_SPECS for node in model.graph.node)
     plugin_layers = sum(network.get_layer(i).type == trt.LayerType.PLUGIN_V3 for i in range(network.num_layers))
     if plugin_layers < scan_nodes:
-        raise MQExportError(f"{scan_nodes} {SCAN_OP_TYPE} nodes but {plugin_layers} plugin layers: TensorRT used the "
-                            "function bodies; check the nodes' plugin_version/plugin_namespace attributes")
+        raise MQExportError(f"{scan_nodes} scan nodes ({', '.join(OP_SPECS)}) but {plugin_layers} plugin layers: "
+                            "TensorRT used the function bodies; check the nodes' plugin_version/plugin_namespace "
+                            "attributes")
 
     config = builder.create_builder_config()
     if fp16:

@@ -1,12 +1,12 @@
-"""ONNX Runtime sessions for exported models, the policy for INT8 MatMuls, and the optional
-registered SelectiveScan kernel.
+"""ONNX Runtime sessions for exported models: how the scan nodes run, and the policy for INT8
+MatMuls.
 
-Without the kernel, ONNX Runtime runs the `SelectiveScan` node through the model-local function
-(standard ops). `session(path, scan_kernel=True)` registers an onnxruntime-extensions Python
-kernel for the same domain/op_type; ONNX Runtime then claims the node with the kernel instead of
-inlining the function, the same precedence TensorRT's parser gives a registered plugin. The
-kernel runs `scan.selective_scan` in PyTorch; it exists to prove the mechanism and to
-cross-check the function body, not for speed (extensions returns outputs through Python lists).
+Scan nodes (`SelectiveScan`, `SSDScan`, domain mq_export): where the native custom-op library of
+`ort_native` is available (built from the project's C kernels against ONNX Runtime's headers),
+`session` registers it and ORT claims those nodes with its kernels instead of inlining the
+model-local function, the same precedence TensorRT's parser gives a registered plugin. Otherwise
+ORT runs the function body (standard ops, slower). `scan_implementation` decides (auto, or forced
+by `MQ_EXPORT_ORT_SCAN` / the `scan` argument) and says why; the choice is logged once per process.
 
 INT8 MatMuls: at optimization level `all`, ORT fuses DequantizeLinear + MatMul into
 MatMulIntegerToFloat / QLinearMatMul, which run MLAS's u8s8 integer GEMM. On x86 CPUs without
@@ -18,62 +18,67 @@ means.
 """
 from __future__ import annotations
 
+import logging
 import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import onnx
 import torch
 from torch import Tensor
 
 from ..errors import MQExportError
-from ..ops.spec import SCAN_DOMAIN, SCAN_OP_TYPE, SelectiveScanSpec
 
-_REGISTERED: dict[int, object] = {}
+logger = logging.getLogger(__name__)
 
-
-def scan_spec_of(model: onnx.ModelProto) -> SelectiveScanSpec | None:
-    """The SelectiveScan variant used in `model` (None if it has no scan node)."""
-    for node in model.graph.node:
-        if node.domain == SCAN_DOMAIN and node.op_type == SCAN_OP_TYPE:
-            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-            return SelectiveScanSpec(**{k: bool(attrs.get(k, 0)) for k in (
-                "delta_softplus", "has_D", "has_z", "has_delta_bias", "has_initial_state", "return_last_state")})
-    return None
+SCAN_ENV = "MQ_EXPORT_ORT_SCAN"
+SCAN_CHOICES = ("auto", "native", "function_body")
 
 
-def _scan_kernel(u, delta, A, B, C, *rest, **attrs):
-    from ..ops.selective_scan import selective_scan
+@dataclass(frozen=True)
+class ScanImplementation:
+    """How sessions run the scan nodes: the registered native kernels (`library`) or the model's
+    function body; `reason` says why."""
+    library: Path | None
+    reason: str
 
-    spec = SelectiveScanSpec(**{k: bool(attrs[k]) for k in (
-        "delta_softplus", "has_D", "has_z", "has_delta_bias", "has_initial_state", "return_last_state")})
-    optional = dict(zip(spec.input_names()[5:], rest))
-    as_t = lambda a: None if a is None else torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
-    with torch.inference_mode():
-        out = selective_scan(as_t(u), as_t(delta), as_t(A), as_t(B), as_t(C), D=as_t(optional.get("D")),
-                             z=as_t(optional.get("z")), delta_bias=as_t(optional.get("delta_bias")),
-                             delta_softplus=spec.delta_softplus, return_last_state=spec.return_last_state,
-                             initial_state=as_t(optional.get("initial_state")))
-    if spec.return_last_state:
-        return out[0].numpy(), out[1].numpy()
-    return out.numpy()
+    @property
+    def name(self) -> str:
+        """`native` or `function_body` (report.json's onnxruntime.scan_implementation)."""
+        return "function_body" if self.library is None else "native"
+
+    def to_dict(self) -> dict:
+        return {"implementation": self.name, "reason": self.reason}
 
 
-def register_scan_kernel(spec: SelectiveScanSpec) -> None:
-    """Declare the onnxruntime-extensions kernel for `spec`'s input count (idempotent)."""
-    from onnxruntime_extensions import PyCustomOpDef, onnx_op
+_ANNOUNCED: set[ScanImplementation] = set()
 
-    n_in = len(spec.input_names())
-    n_out = len(spec.output_names())
-    key = n_in * 10 + n_out
-    if key in _REGISTERED:
-        return
-    attrs = {k: (PyCustomOpDef.dt_string if isinstance(v, str) else PyCustomOpDef.dt_int64)
-             for k, v in spec.attributes().items()}
-    _REGISTERED[key] = onnx_op(op_type=f"{SCAN_DOMAIN}::{SCAN_OP_TYPE}", inputs=[PyCustomOpDef.dt_float] * n_in,
-                               outputs=[PyCustomOpDef.dt_float] * n_out, attrs=attrs)(_scan_kernel)
+
+def scan_implementation(choice: str | None = None) -> ScanImplementation:
+    """The scan implementation for `choice`: "auto" (native where the library builds, else the
+    function body), "native" (MQExportError when it is unavailable) or "function_body"; None reads
+    $MQ_EXPORT_ORT_SCAN (default auto). Logged once per process and outcome."""
+    from . import ort_native
+
+    source = f"scan={choice!r}"
+    if choice is None:
+        choice = os.environ.get(SCAN_ENV) or "auto"
+        source = f"{SCAN_ENV}={choice}"
+    if choice not in SCAN_CHOICES:
+        raise MQExportError(f"unknown ONNX Runtime scan implementation ({source}); choose {', '.join(SCAN_CHOICES)}")
+    if choice == "function_body":
+        implementation = ScanImplementation(None, f"set by {source}")
+    else:
+        native = ort_native.native_ops()
+        if native.path is None and choice == "native":
+            raise MQExportError(f"{source}: the native ONNX Runtime scan kernels are unavailable: {native.reason}")
+        implementation = ScanImplementation(native.path, native.reason if native.path else
+                                            f"native kernels unavailable: {native.reason}")
+    if implementation not in _ANNOUNCED:
+        _ANNOUNCED.add(implementation)
+        logger.info("ONNX Runtime scan nodes: %s (%s)", implementation.name, implementation.reason)
+    return implementation
 
 
 INT8_MATMUL_ENV = "MQ_EXPORT_ORT_INT8_MATMUL"
@@ -166,11 +171,12 @@ def int8_matmul_policy(choice: str | None = None, cpu: CpuInfo | None = None) ->
     return Int8MatMul(integer=True, reason=f"set by {source}; {why}" + ("" if exact else ": results may be wrong"))
 
 
-def session(model: str | Path | onnx.ModelProto, *, scan_kernel: bool = False, threads: int | None = None,
-            optimization: str = "all", int8_matmul: str | Int8MatMul | None = None,
+def session(model: str | Path | onnx.ModelProto, *, scan: str | ScanImplementation | None = None,
+            threads: int | None = None, optimization: str = "all", int8_matmul: str | Int8MatMul | None = None,
             optimized_model: str | Path | None = None):
-    """An `onnxruntime.InferenceSession` on CPU. `scan_kernel`: run SelectiveScan nodes through the
-    registered kernel instead of the model's function body. `int8_matmul`: an `Int8MatMul`, or a
+    """An `onnxruntime.InferenceSession` on CPU. `scan`: a `ScanImplementation`, or a choice for
+    `scan_implementation` (None: $MQ_EXPORT_ORT_SCAN, default auto: the native scan kernels where
+    available, else the model's function body). `int8_matmul`: an `Int8MatMul`, or a
     choice for `int8_matmul_policy` (None: $MQ_EXPORT_ORT_INT8_MATMUL, default auto). A path is
     handed to ORT as a path, so models with external data (> 2 GB) load. `optimized_model`: also
     write the graph ORT runs after its optimizations there. Subnormals are flushed to zero (the
@@ -178,6 +184,7 @@ def session(model: str | Path | onnx.ModelProto, *, scan_kernel: bool = False, t
     import onnxruntime as ort
 
     policy = int8_matmul if isinstance(int8_matmul, Int8MatMul) else int8_matmul_policy(int8_matmul)
+    scan = scan if isinstance(scan, ScanImplementation) else scan_implementation(scan)
     so = ort.SessionOptions()
     so.add_session_config_entry("session.set_denormal_as_zero", "1")
     if not policy.integer:
@@ -211,12 +218,8 @@ def session(model: str | Path | onnx.ModelProto, *, scan_kernel: bool = False, t
         # ORT 1.32's QDQ propagation copies a QuantizeLinear across a Transpose with a uint8 zero
         # point and output_dtype int8 at opset 21, and the session fails to load; skip that pass.
         disabled.append("QDQPropagationTransformer")
-    if scan_kernel:
-        spec = scan_spec_of(proto)
-        if spec is not None:
-            from onnxruntime_extensions import get_library_path
-            register_scan_kernel(spec)
-            so.register_custom_ops_library(get_library_path())
+    if scan.library is not None:
+        so.register_custom_ops_library(str(scan.library))
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else name
     try:
         return ort.InferenceSession(source, so, providers=["CPUExecutionProvider"],

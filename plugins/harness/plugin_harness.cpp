@@ -3,11 +3,14 @@
 //
 //   mq_plugin_harness PLUGIN_SO NODE_FILE [REFERENCE_DIR]
 //
-// NODE_FILE describes one exported node (written by mq_export.plugin_spec), one entry per line:
-//   op_type SelectiveScan | int NAME VALUE | string NAME VALUE | inputs NAME... | outputs NAME...
-// REFERENCE_DIR (optional, used only when a CUDA device exists) holds shape.txt with
-// "batch dim length dstate" and float32 little-endian NAME.bin files for every input and output.
+// NODE_FILE describes one exported node (written by mq_export.ops.plugin_spec), one entry per line:
+//   op_type SelectiveScan|SSDScan | int NAME VALUE | float NAME VALUE | string NAME VALUE
+//   | inputs NAME... | outputs NAME...
+// REFERENCE_DIR (optional, used only when a CUDA device exists) holds shape.txt with one
+// "SIZE VALUE" line per size the op's tensors use (batch, length, dim, dstate; heads, headdim,
+// groups) and float32 little-endian NAME.bin files for every input and output.
 #include "mq_scan.h"
+#include "mq_scan_spec.h"
 
 #include <NvInferRuntime.h>
 #include <NvInferVersion.h>
@@ -35,6 +38,7 @@ struct NodeDescription
 {
     std::string opType;
     std::vector<std::pair<std::string, int32_t>> ints;
+    std::vector<std::pair<std::string, float>> floats;
     std::vector<std::pair<std::string, std::string>> strings;
     std::vector<std::string> inputs;
     std::vector<std::string> outputs;
@@ -83,7 +87,7 @@ NodeDescription readNode(std::string const& path)
         {
             words >> node.opType;
         }
-        else if (kind == "int" || kind == "string")
+        else if (kind == "int" || kind == "float" || kind == "string")
         {
             std::string name;
             std::string value;
@@ -91,6 +95,10 @@ NodeDescription readNode(std::string const& path)
             if (kind == "int")
             {
                 node.ints.emplace_back(name, std::stoi(value));
+            }
+            else if (kind == "float")
+            {
+                node.floats.emplace_back(name, std::stof(value)); // reads "inf"
             }
             else
             {
@@ -216,13 +224,53 @@ private:
 
 bool isStateOrParameter(std::string const& role)
 {
-    static std::set<std::string> const kFloat32Roles{"A", "D", "delta_bias", "initial_state", "final_state"};
+    static std::set<std::string> const kFloat32Roles{
+        "A", "D", "delta_bias", "dt_bias", "initial_state", "final_state"};
     return kFloat32Roles.count(role) > 0;
 }
 
-std::map<std::string, int32_t> intFields(PluginFieldCollection const* fc)
+using Shape = std::vector<std::string>;            // size names, outermost first
+using Sizes = std::map<std::string, int64_t>; // value by size name
+
+// Each tensor role's shape, written from the ops' documented layouts (mamba-ssm's), independently
+// of the plugin's own shape code.
+std::map<std::string, Shape> roleShapes(NodeDescription const& node)
 {
-    std::map<std::string, int32_t> values;
+    if (node.opType == MQ_SCAN_OP_TYPE)
+    {
+        Shape const sequence{"batch", "dim", "length"};
+        Shape const state{"batch", "dim", "dstate"};
+        return {{"u", sequence}, {"delta", sequence}, {"z", sequence}, {"y", sequence}, {"A", {"dim", "dstate"}},
+            {"B", {"batch", "dstate", "length"}}, {"C", {"batch", "dstate", "length"}}, {"D", {"dim"}},
+            {"delta_bias", {"dim"}}, {"initial_state", state}, {"final_state", state}};
+    }
+    if (node.opType == MQ_SSD_OP_TYPE)
+    {
+        Shape const sequence{"batch", "length", "heads", "headdim"};
+        Shape const state{"batch", "heads", "headdim", "dstate"};
+        Shape const D = node.intAttribute("D_has_hdim") ? Shape{"heads", "headdim"} : Shape{"heads"};
+        return {{"x", sequence}, {"z", sequence}, {"y", sequence}, {"dt", {"batch", "length", "heads"}},
+            {"A", {"heads"}}, {"dt_bias", {"heads"}}, {"D", D}, {"B", {"batch", "length", "groups", "dstate"}},
+            {"C", {"batch", "length", "groups", "dstate"}}, {"initial_state", state}, {"final_state", state}};
+    }
+    throw std::runtime_error("no tensor layouts for op " + node.opType);
+}
+
+Dims dimsOf(Shape const& shape, Sizes const& sizes)
+{
+    Dims dims{};
+    dims.nbDims = static_cast<int32_t>(shape.size());
+    for (size_t i = 0; i < shape.size(); ++i)
+    {
+        dims.d[i] = sizes.at(shape[i]);
+    }
+    return dims;
+}
+
+// Every INT32 and FLOAT32 field by name.
+std::map<std::string, double> fieldValues(PluginFieldCollection const* fc)
+{
+    std::map<std::string, double> values;
     for (int32_t i = 0; i < fc->nbFields; ++i)
     {
         PluginField const& field = fc->fields[i];
@@ -230,8 +278,18 @@ std::map<std::string, int32_t> intFields(PluginFieldCollection const* fc)
         {
             values[field.name] = *static_cast<int32_t const*>(field.data);
         }
+        else if (field.type == PluginFieldType::kFLOAT32 && field.length == 1)
+        {
+            values[field.name] = *static_cast<float const*>(field.data);
+        }
     }
     return values;
+}
+
+std::map<std::string, double> serializedFields(IPluginV3* plugin)
+{
+    auto* runtime = static_cast<IPluginV3OneRuntime*>(plugin->getCapabilityInterface(PluginCapabilityType::kRUNTIME));
+    return fieldValues(runtime->getFieldsToSerialize());
 }
 
 size_t volume(Dims const& dims)
@@ -260,13 +318,13 @@ std::vector<float> readFloats(std::string const& path, size_t count)
 void compareWithReference(IPluginV3OneRuntime* runtime, NodeDescription const& node, std::string const& dir)
 {
     std::ifstream shapeFile(dir + "/shape.txt");
-    int64_t batch = 0, dim = 0, length = 0, dstate = 0;
-    shapeFile >> batch >> dim >> length >> dstate;
-    std::map<std::string, Dims> shapes{{"u", Dims3(batch, dim, length)}, {"delta", Dims3(batch, dim, length)},
-        {"z", Dims3(batch, dim, length)}, {"y", Dims3(batch, dim, length)}, {"A", Dims2(dim, dstate)},
-        {"B", Dims3(batch, dstate, length)}, {"C", Dims3(batch, dstate, length)}, {"D", Dims{1, {dim}}},
-        {"delta_bias", Dims{1, {dim}}}, {"initial_state", Dims3(batch, dim, dstate)},
-        {"final_state", Dims3(batch, dim, dstate)}};
+    Sizes sizes;
+    std::string name;
+    for (int64_t value = 0; shapeFile >> name >> value;)
+    {
+        sizes[name] = value;
+    }
+    std::map<std::string, Shape> const shapes = roleShapes(node);
 
     std::vector<void*> buffers;
     auto tensors = [&](std::vector<std::string> const& roles, bool upload) {
@@ -274,7 +332,7 @@ void compareWithReference(IPluginV3OneRuntime* runtime, NodeDescription const& n
         std::vector<void*> pointers;
         for (auto const& role : roles)
         {
-            Dims const& shape = shapes.at(role);
+            Dims const shape = dimsOf(shapes.at(role), sizes);
             size_t const bytes = volume(shape) * sizeof(float);
             void* device = nullptr;
             cudaMalloc(&device, bytes);
@@ -291,6 +349,9 @@ void compareWithReference(IPluginV3OneRuntime* runtime, NodeDescription const& n
     };
     auto [inDescs, inPointers] = tensors(node.inputs, true);
     auto [outDescs, outPointers] = tensors(node.outputs, false);
+    check(runtime->onShapeChange(inDescs.data(), static_cast<int32_t>(inDescs.size()), outDescs.data(),
+              static_cast<int32_t>(outDescs.size())) == 0,
+        "onShapeChange accepts the reference shapes");
     int32_t const status = runtime->enqueue(inDescs.data(), outDescs.data(), inPointers.data(), outPointers.data(), nullptr, nullptr);
     cudaError_t const sync = cudaDeviceSynchronize();
     check(status == 0 && sync == cudaSuccess, std::string("enqueue on the device: ") + cudaGetErrorString(sync));
@@ -312,6 +373,97 @@ void compareWithReference(IPluginV3OneRuntime* runtime, NodeDescription const& n
     {
         cudaFree(buffer);
     }
+}
+
+// getOutputShapes for one set of sizes (-1: a runtime dimension); the outputs must be the
+// expressions of the sizes their layouts name.
+bool outputShapesFollow(IPluginV3OneBuild* build, NodeDescription const& node, Sizes const& sizes)
+{
+    std::map<std::string, Shape> const shapes = roleShapes(node);
+    std::map<std::string, std::unique_ptr<FakeDimension>> dimensions;
+    for (auto const& [name, value] : sizes)
+    {
+        dimensions[name] = std::make_unique<FakeDimension>(value);
+    }
+    auto exprs = [&](Shape const& shape) {
+        DimsExprs e{};
+        e.nbDims = static_cast<int32_t>(shape.size());
+        for (size_t i = 0; i < shape.size(); ++i)
+        {
+            e.d[i] = dimensions.at(shape[i]).get();
+        }
+        return e;
+    };
+    std::vector<DimsExprs> inputs;
+    for (auto const& role : node.inputs)
+    {
+        inputs.push_back(exprs(shapes.at(role)));
+    }
+    int32_t const nbOutputs = static_cast<int32_t>(node.outputs.size());
+    std::vector<DimsExprs> outputs(nbOutputs);
+    NullExprBuilder builder;
+    bool ok = build->getOutputShapes(inputs.data(), static_cast<int32_t>(inputs.size()), nullptr, 0, outputs.data(),
+                  nbOutputs, builder)
+        == 0;
+    for (int32_t i = 0; i < nbOutputs; ++i)
+    {
+        DimsExprs const expected = exprs(shapes.at(node.outputs[i]));
+        ok = ok && outputs[i].nbDims == expected.nbDims
+            && std::equal(expected.d, expected.d + expected.nbDims, outputs[i].d);
+    }
+    return ok;
+}
+
+std::string describe(Sizes const& sizes, std::set<std::string> const& used)
+{
+    std::string text;
+    for (auto const& [name, value] : sizes)
+    {
+        if (used.count(name))
+        {
+            std::string const size = value < 0 ? std::string("runtime") : std::to_string(value);
+            text += (text.empty() ? "" : ", ") + name + " " + size;
+        }
+    }
+    return text;
+}
+
+// onShapeChange with float32 tensors of these (concrete) sizes.
+int32_t shapeChange(IPluginV3OneRuntime* runtime, NodeDescription const& node, Sizes const& sizes)
+{
+    std::map<std::string, Shape> const shapes = roleShapes(node);
+    auto descs = [&](std::vector<std::string> const& roles) {
+        std::vector<PluginTensorDesc> result;
+        for (auto const& role : roles)
+        {
+            Dims const dims = dimsOf(shapes.at(role), sizes);
+            result.push_back(PluginTensorDesc{dims, DataType::kFLOAT, TensorFormat::kLINEAR, 1.f});
+        }
+        return result;
+    };
+    std::vector<PluginTensorDesc> const in = descs(node.inputs);
+    std::vector<PluginTensorDesc> const out = descs(node.outputs);
+    return runtime->onShapeChange(
+        in.data(), static_cast<int32_t>(in.size()), out.data(), static_cast<int32_t>(out.size()));
+}
+
+// configurePlugin with these build-time sizes (-1: runtime) and maxima.
+int32_t configure(IPluginV3OneBuild* build, NodeDescription const& node, Sizes const& sizes,
+    Sizes const& maxima)
+{
+    std::map<std::string, Shape> const shapes = roleShapes(node);
+    std::vector<std::string> roles = node.inputs;
+    roles.insert(roles.end(), node.outputs.begin(), node.outputs.end());
+    std::vector<DynamicPluginTensorDesc> ranges(roles.size());
+    for (size_t pos = 0; pos < roles.size(); ++pos)
+    {
+        ranges[pos].desc.dims = dimsOf(shapes.at(roles[pos]), sizes);
+        ranges[pos].max = dimsOf(shapes.at(roles[pos]), maxima);
+        ranges[pos].min = ranges[pos].max;
+    }
+    int32_t const nbInputs = static_cast<int32_t>(node.inputs.size());
+    return build->configurePlugin(
+        ranges.data(), nbInputs, ranges.data() + nbInputs, static_cast<int32_t>(node.outputs.size()));
 }
 
 int run(std::string const& pluginPath, std::string const& nodePath, std::string const& referenceDir)
@@ -340,15 +492,19 @@ int run(std::string const& pluginPath, std::string const& nodePath, std::string 
 
     int32_t nbCreators = 0;
     IPluginCreatorInterface* const* creators = getCreators(nbCreators);
-    IPluginCreatorV3One* creator = nullptr;
+    std::map<std::string, IPluginCreatorV3One*> byName;
     for (int32_t i = 0; i < nbCreators; ++i)
     {
-        if (std::strcmp(creators[i]->getInterfaceInfo().kind, "PLUGIN CREATOR_V3ONE") == 0
-            && static_cast<IPluginCreatorV3One*>(creators[i])->getPluginName() == node.opType)
+        if (std::strcmp(creators[i]->getInterfaceInfo().kind, "PLUGIN CREATOR_V3ONE") == 0)
         {
-            creator = static_cast<IPluginCreatorV3One*>(creators[i]);
+            auto* creatorV3 = static_cast<IPluginCreatorV3One*>(creators[i]);
+            byName[creatorV3->getPluginName()] = creatorV3;
         }
     }
+    check(nbCreators == 2 && byName.count(MQ_SCAN_OP_TYPE) && byName.count(MQ_SSD_OP_TYPE),
+        std::string("getCreators lists exactly the IPluginCreatorV3One creators ") + MQ_SCAN_OP_TYPE + " and "
+            + MQ_SSD_OP_TYPE);
+    IPluginCreatorV3One* creator = byName.count(node.opType) ? byName.at(node.opType) : nullptr;
     check(creator != nullptr, "getCreators lists an IPluginCreatorV3One named " + node.opType);
     if (!creator)
     {
@@ -361,28 +517,48 @@ int run(std::string const& pluginPath, std::string const& nodePath, std::string 
             + "' equal the node's plugin_version '" + version + "' plugin_namespace '" + ns + "'");
 
     // Like the ONNX parser: only attributes named by getFieldNames reach createPlugin,
-    // INT as kINT32 and STRING as kCHAR.
-    std::set<std::string> fieldNames;
+    // INT as kINT32, FLOAT as kFLOAT32 and STRING as kCHAR.
+    std::map<std::string, PluginFieldType> fieldTypes;
     PluginFieldCollection const* names = creator->getFieldNames();
     for (int32_t i = 0; i < names->nbFields; ++i)
     {
-        fieldNames.insert(names->fields[i].name);
+        fieldTypes[names->fields[i].name] = names->fields[i].type;
     }
     std::vector<PluginField> fields;
+    std::map<std::string, double> nodeFields;
     for (auto const& [name, value] : node.ints)
     {
-        if (fieldNames.count(name))
+        if (fieldTypes.count(name))
         {
             fields.emplace_back(name.c_str(), &value, PluginFieldType::kINT32, 1);
+            nodeFields[name] = value;
+        }
+    }
+    for (auto const& [name, value] : node.floats)
+    {
+        if (fieldTypes.count(name))
+        {
+            fields.emplace_back(name.c_str(), &value, PluginFieldType::kFLOAT32, 1);
+            nodeFields[name] = value;
         }
     }
     for (auto const& [name, value] : node.strings)
     {
-        if (fieldNames.count(name))
+        if (fieldTypes.count(name))
         {
             fields.emplace_back(name.c_str(), value.c_str(), PluginFieldType::kCHAR, static_cast<int32_t>(value.size()));
         }
     }
+    bool typesDeclared = true;
+    for (auto const& [name, value] : node.floats)
+    {
+        typesDeclared = typesDeclared && (!fieldTypes.count(name) || fieldTypes.at(name) == PluginFieldType::kFLOAT32);
+    }
+    for (auto const& [name, value] : node.ints)
+    {
+        typesDeclared = typesDeclared && (!fieldTypes.count(name) || fieldTypes.at(name) == PluginFieldType::kINT32);
+    }
+    check(typesDeclared, "getFieldNames declares INT attributes as kINT32 and FLOAT attributes as kFLOAT32");
     PluginFieldCollection const fc{static_cast<int32_t>(fields.size()), fields.data()};
     std::unique_ptr<IPluginV3> plugin(creator->createPlugin("harness_node", &fc, TensorRTPhase::kBUILD));
     check(plugin != nullptr, "createPlugin (build phase) from " + std::to_string(fields.size()) + " node attributes");
@@ -400,22 +576,33 @@ int run(std::string const& pluginPath, std::string const& nodePath, std::string 
     check(core->getPluginName() == node.opType && core->getPluginVersion() == version && core->getPluginNamespace() == ns,
         "plugin name/version/namespace equal the node's");
 
-    std::map<std::string, int32_t> const serialized = intFields(runtime->getFieldsToSerialize());
-    bool fieldsKept = true;
-    for (auto const& [name, value] : node.ints)
-    {
-        fieldsKept = fieldsKept && (!fieldNames.count(name) || (serialized.count(name) && serialized.at(name) == value));
-    }
-    check(fieldsKept && serialized.size() == fieldNames.size(), "getFieldsToSerialize returns the node's attributes");
+    std::map<std::string, double> const serialized = serializedFields(plugin.get());
+    check(serialized == nodeFields && serialized.size() == fieldTypes.size(),
+        "getFieldsToSerialize returns the node's " + std::to_string(nodeFields.size()) + " INT/FLOAT attributes");
     std::unique_ptr<IPluginV3> deserialized(creator->createPlugin("harness_node", runtime->getFieldsToSerialize(), TensorRTPhase::kRUNTIME));
-    check(deserialized && intFields(static_cast<IPluginV3OneRuntime*>(deserialized->getCapabilityInterface(PluginCapabilityType::kRUNTIME))->getFieldsToSerialize()) == serialized,
+    check(deserialized && serializedFields(deserialized.get()) == serialized,
         "createPlugin (runtime phase) from the serialized fields round-trips");
     std::unique_ptr<IPluginV3> cloned(plugin->clone());
-    check(cloned && intFields(static_cast<IPluginV3OneRuntime*>(cloned->getCapabilityInterface(PluginCapabilityType::kRUNTIME))->getFieldsToSerialize()) == serialized,
-        "clone keeps the fields");
+    check(cloned && serializedFields(cloned.get()) == serialized, "clone keeps the fields");
 
     PluginFieldCollection const missing{0, nullptr};
     check(creator->createPlugin("harness_node", &missing, TensorRTPhase::kBUILD) == nullptr, "createPlugin refuses a node without the attributes");
+    if (!node.floats.empty())
+    {
+        float const notANumber = std::nanf("");
+        auto withNaN = fields;
+        for (auto& field : withNaN)
+        {
+            if (field.type == PluginFieldType::kFLOAT32)
+            {
+                field.data = &notANumber;
+                break;
+            }
+        }
+        PluginFieldCollection const nanFc{static_cast<int32_t>(withNaN.size()), withNaN.data()};
+        check(creator->createPlugin("harness_node", &nanFc, TensorRTPhase::kBUILD) == nullptr,
+            "createPlugin refuses a NaN FLOAT attribute");
+    }
 
     int32_t const nbInputs = static_cast<int32_t>(node.inputs.size());
     int32_t const nbOutputs = static_cast<int32_t>(node.outputs.size());
@@ -465,45 +652,45 @@ int run(std::string const& pluginPath, std::string const& nodePath, std::string 
         check(rejected, "supportsFormatCombination rejects mixed activation types, half parameters, non-linear formats");
     }
 
-    // Shapes: batch and length are runtime dimensions, dim and dstate build-time constants.
-    FakeDimension batch(-1), dim(64), length(-1), dstate(16), one(1);
-    auto exprs = [](std::vector<IDimensionExpr const*> const& dims) {
-        DimsExprs e{};
-        e.nbDims = static_cast<int32_t>(dims.size());
-        std::copy(dims.begin(), dims.end(), e.d);
-        return e;
-    };
-    std::vector<DimsExprs> inputs;
-    for (auto const& role : node.inputs)
+    // Shapes: batch and length are runtime dimensions, the model's sizes build-time constants; a
+    // decode step is the same node at length 1.
+    std::set<std::string> used;
+    for (auto const& [role, shape] : roleShapes(node))
     {
-        inputs.push_back(role == "A" ? exprs({&dim, &dstate})
-                : (role == "D" || role == "delta_bias") ? exprs({&dim})
-                : (role == "B" || role == "C")          ? exprs({&batch, &dstate, &length})
-                : role == "initial_state"               ? exprs({&batch, &dim, &dstate})
-                                                        : exprs({&batch, &dim, &length}));
+        if (std::find(roles.begin(), roles.end(), role) != roles.end())
+        {
+            used.insert(shape.begin(), shape.end());
+        }
     }
-    std::vector<DimsExprs> outputs(nbOutputs);
-    NullExprBuilder builder;
-    bool shapesOk = build->getOutputShapes(inputs.data(), nbInputs, nullptr, 0, outputs.data(), nbOutputs, builder) == 0;
-    std::vector<IDimensionExpr const*> const expectedY{&batch, &dim, &length};
-    std::vector<IDimensionExpr const*> const expectedState{&batch, &dim, &dstate};
-    for (int32_t i = 0; i < nbOutputs; ++i)
-    {
-        auto const& expected = node.outputs[i] == "final_state" ? expectedState : expectedY;
-        shapesOk = shapesOk && outputs[i].nbDims == 3 && std::equal(expected.begin(), expected.end(), outputs[i].d);
-    }
-    check(shapesOk, "getOutputShapes: y (batch, dim, length), final_state (batch, dim, dstate)");
+    Sizes const prefill{{"batch", -1}, {"length", -1}, {"dim", 64}, {"dstate", 16},
+        {"heads", 6}, {"headdim", 10}, {"groups", 2}};
+    Sizes decode = prefill;
+    decode["length"] = 1;
+    check(outputShapesFollow(build, node, prefill), "getOutputShapes (" + describe(prefill, used) + ")");
+    check(outputShapesFollow(build, node, decode), "getOutputShapes, decode step (" + describe(decode, used) + ")");
 
-    std::vector<DynamicPluginTensorDesc> ranges(nbInputs + nbOutputs);
-    for (int32_t pos = 0; pos < nbInputs + nbOutputs; ++pos)
+    Sizes maxima = prefill;
+    maxima["batch"] = 8;
+    maxima["length"] = 4096;
+    check(configure(build, node, prefill, maxima) == 0, "configurePlugin accepts " + describe(maxima, used));
+    auto tooLarge = maxima;
+    tooLarge["dstate"] = MQ_SCAN_MAX_DSTATE + 1;
+    std::string const tooManyStates = std::to_string(MQ_SCAN_MAX_DSTATE + 1);
+    check(configure(build, node, prefill, tooLarge) != 0, "configurePlugin refuses d_state " + tooManyStates);
+    if (used.count("groups"))
     {
-        ranges[pos].max = roles[pos] == "A" ? Dims2(64, 16) : Dims3(8, 64, 4096);
+        auto uneven = prefill;
+        uneven["groups"] = 4;
+        check(configure(build, node, uneven, uneven) != 0, "configurePlugin refuses 4 groups for 6 heads");
     }
-    check(build->configurePlugin(ranges.data(), nbInputs, ranges.data() + nbInputs, nbOutputs) == 0, "configurePlugin accepts d_state 16");
-    auto const aPos = std::find(roles.begin(), roles.end(), "A") - roles.begin();
-    ranges[aPos].max = Dims2(64, MQ_SCAN_MAX_DSTATE + 1);
-    check(build->configurePlugin(ranges.data(), nbInputs, ranges.data() + nbInputs, nbOutputs) != 0,
-        "configurePlugin refuses d_state " + std::to_string(MQ_SCAN_MAX_DSTATE + 1));
+    auto step = decode;
+    step["batch"] = 2;
+    check(shapeChange(runtime, node, step) == 0, "onShapeChange accepts a decode step (" + describe(step, used) + ")");
+    auto longer = step;
+    longer["length"] = 300;
+    check(shapeChange(runtime, node, longer) == 0, "onShapeChange accepts " + describe(longer, used));
+    longer["dstate"] = MQ_SCAN_MAX_DSTATE + 1;
+    check(shapeChange(runtime, node, longer) != 0, "onShapeChange refuses d_state " + tooManyStates);
 
     int deviceCount = 0;
     if (cudaGetDeviceCount(&deviceCount) != cudaSuccess || deviceCount == 0)

@@ -10,14 +10,17 @@
 // and the state carried between chunks lives in shared memory (one float per channel and n).
 // Global traffic is one coalesced read of u, delta, z and one write of out per element, plus
 // B and C tiles that are staged in shared memory once per block and reused by all its channels.
+// With `reverse` the same walk runs over time mirrored (logical step t reads and writes physical
+// step length-1-t): the loads stay coalesced, only their direction changes.
+#include "device_math.cuh"
 #include "mq_scan.h"
-
-#include <cuda_fp16.h>
 
 #include <climits>
 
 namespace
 {
+
+using namespace mq_export_kernels;
 
 constexpr int kWarpSize = 32;
 constexpr int kChannelsPerBlock = 8;
@@ -34,35 +37,10 @@ __device__ __forceinline__ int padded(int t)
     return t + t / kWarpSize;
 }
 
-__device__ __forceinline__ float to_float(float v)
+// Physical time index of logical step t.
+__device__ __forceinline__ int64_t physical_step(mq_scan_params const& p, int64_t t)
 {
-    return v;
-}
-
-__device__ __forceinline__ float to_float(__half v)
-{
-    return __half2float(v);
-}
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-
-template <>
-__device__ __forceinline__ float from_float<float>(float v)
-{
-    return v;
-}
-
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v)
-{
-    return __float2half_rn(v);
-}
-
-// Same threshold as torch.nn.functional.softplus.
-__device__ __forceinline__ float softplus(float x)
-{
-    return x > 20.f ? x : log1pf(expf(x));
+    return p.reverse ? p.length - 1 - t : t;
 }
 
 struct SharedStorage
@@ -73,17 +51,17 @@ struct SharedStorage
     float carry[kChannelsPerBlock][MQ_SCAN_MAX_DSTATE]; // state between chunks
 };
 
-// Reads `steps` elements of one channel's row with coalesced loads and hands each lane its
-// kItemsPerLane consecutive steps (zeros past the end).
+// Reads `steps` elements of one channel's row (logical step t at row[direction * t]) with
+// coalesced loads and hands each lane its kItemsPerLane consecutive steps (zeros past the end).
 template <typename T>
 __device__ void load_lane_items(
-    T const* row, int steps, float* stage, int lane, float (&items)[kItemsPerLane])
+    T const* row, int direction, int steps, float* stage, int lane, float (&items)[kItemsPerLane])
 {
 #pragma unroll
     for (int k = 0; k < kItemsPerLane; ++k)
     {
         int const t = lane + kWarpSize * k;
-        stage[padded(t)] = t < steps ? to_float(row[t]) : 0.f;
+        stage[padded(t)] = t < steps ? to_float(row[direction * t]) : 0.f;
     }
     __syncwarp();
 #pragma unroll
@@ -97,7 +75,7 @@ __device__ void load_lane_items(
 // Inverse of load_lane_items: lane-owned values out through coalesced stores.
 template <typename T>
 __device__ void store_lane_items(
-    T* row, int steps, float* stage, int lane, float const (&items)[kItemsPerLane])
+    T* row, int direction, int steps, float* stage, int lane, float const (&items)[kItemsPerLane])
 {
 #pragma unroll
     for (int k = 0; k < kItemsPerLane; ++k)
@@ -111,7 +89,7 @@ __device__ void store_lane_items(
         int const t = lane + kWarpSize * k;
         if (t < steps)
         {
-            row[t] = from_float<T>(stage[padded(t)]);
+            row[direction * t] = from_float<T>(stage[padded(t)]);
         }
     }
     __syncwarp();
@@ -168,17 +146,19 @@ __global__ void __launch_bounds__(kChannelsPerBlock * kWarpSize)
     T const* const C_in = static_cast<T const*>(p.C);
     T const* const z_in = static_cast<T const*>(p.z);
     T* const out = static_cast<T*>(p.out);
+    int const direction = p.reverse ? -1 : 1;
 
     for (int64_t chunk_start = 0; chunk_start < p.length; chunk_start += kChunk)
     {
         int const steps = static_cast<int>(min(static_cast<int64_t>(kChunk), p.length - chunk_start));
+        int64_t const chunk_row = row_offset + physical_step(p, chunk_start);
         float u[kItemsPerLane];
         float delta[kItemsPerLane];
         float y[kItemsPerLane];
         if (active)
         {
-            load_lane_items(u_in + row_offset + chunk_start, steps, stage, lane, u);
-            load_lane_items(delta_in + row_offset + chunk_start, steps, stage, lane, delta);
+            load_lane_items(u_in + chunk_row, direction, steps, stage, lane, u);
+            load_lane_items(delta_in + chunk_row, direction, steps, stage, lane, delta);
 #pragma unroll
             for (int k = 0; k < kItemsPerLane; ++k)
             {
@@ -198,7 +178,7 @@ __global__ void __launch_bounds__(kChannelsPerBlock * kWarpSize)
                 int const tile_n = i / kChunk;
                 int const t = i % kChunk;
                 bool const valid = n0 + tile_n < dstate && t < steps;
-                int64_t const offset = (batch * p.dstate + n0 + tile_n) * p.length + chunk_start + t;
+                int64_t const offset = (batch * p.dstate + n0 + tile_n) * p.length + physical_step(p, chunk_start + t);
                 smem.B[tile_n][padded(t)] = valid ? to_float(B_in[offset]) : 0.f;
                 smem.C[tile_n][padded(t)] = valid ? to_float(C_in[offset]) : 0.f;
             }
@@ -252,11 +232,11 @@ __global__ void __launch_bounds__(kChannelsPerBlock * kWarpSize)
             if (z_in)
             {
                 float z[kItemsPerLane];
-                load_lane_items(z_in + row_offset + chunk_start, steps, stage, lane, z);
+                load_lane_items(z_in + chunk_row, direction, steps, stage, lane, z);
 #pragma unroll
                 for (int k = 0; k < kItemsPerLane; ++k)
                 {
-                    y[k] = (y[k] + D * u[k]) * (z[k] / (1.f + expf(-z[k])));
+                    y[k] = (y[k] + D * u[k]) * silu(z[k]);
                 }
             }
             else
@@ -267,7 +247,7 @@ __global__ void __launch_bounds__(kChannelsPerBlock * kWarpSize)
                     y[k] += D * u[k];
                 }
             }
-            store_lane_items(out + row_offset + chunk_start, steps, stage, lane, y);
+            store_lane_items(out + chunk_row, direction, steps, stage, lane, y);
         }
     }
 
@@ -332,6 +312,7 @@ extern "C" char const* mq_scan_status_string(int status)
     case MQ_SCAN_OK: return "success";
     case MQ_SCAN_ERR_INVALID_ARGUMENT: return "invalid argument (null required pointer, bad size or dtype)";
     case MQ_SCAN_ERR_CUDA: return "CUDA launch error";
+    case MQ_SCAN_ERR_SHARED_MEMORY: return "the device's shared memory per block is too small for this d_state";
     default: return "unknown status";
     }
 }

@@ -1,36 +1,29 @@
 /* Fused CPU selective scan, float32, the semantics of mq_export.scan.selective_scan_reference.
+ * With reverse set, the recurrence visits the steps from the last to the first (step s of the
+ * scan reads time index l-1-s); buffers and y are still addressed by time index.
  *
- * Time-major layout: u, delta, z and y are (b, l, d) with unit channel stride (the layout the
- * model's Linear layers produce, so no transposed copies), B and C are (b, l, n) with unit state
- * stride; batch and step strides are free. A: (d, n); D, delta_bias: (d); h0, h_last: (b, d, n),
- * contiguous. Optional pointers may be NULL.
+ * Layout and interface: selective_scan_cpu.h (every tensor strided, so PyTorch's time-major
+ * tensors and ONNX Runtime's (b, d, l) ones are both read in place).
  *
  * Work unit: one batch element × a block of LANES channels, vectorized across the channels. The
  * state h (d_state × LANES) stays in L1 for the whole sequence, so memory traffic is
  * O(b·l·(d + n)) instead of the O(b·l·d·n) state slabs a tensor-at-a-time scan writes and reads
- * back. Per tile of steps, Δ (softplus), Δ·u and the SiLU gate are computed in their own loops;
- * the recurrence loop holds only the state update. Compiled at run time by mq_export/cpu_kernel.py
- * with -O3 -ffast-math, which vectorizes every loop here (libm's expf/log1pf through libmvec).
+ * back. Per tile of steps, u, Δ and z are copied into time-major tiles (so every later loop runs
+ * over unit-stride lanes whatever the caller's layout), Δ (softplus), Δ·u and the SiLU gate are
+ * computed in their own loops and the recurrence loop holds only the state update. Compiled at
+ * run time (mq_export/ops/cpu_kernel.py, mq_export/runtime/ort_native.py) with -O3 -ffast-math,
+ * which vectorizes every loop here (libm's expf/log1pf through libmvec).
  */
+#include "selective_scan_cpu.h"
+
 #include <math.h>
-#include <stdint.h>
 #if defined(__x86_64__) || defined(__i386__)
 #include <xmmintrin.h>
 #define MQ_X86 1
 #endif
 
-#define MQ_CPU_SCAN_ABI 2
-#define MQ_CPU_SCAN_MAX_DSTATE 256
 #define LANES 16
 #define TILE 64
-
-typedef struct {
-    const float *u, *delta, *z, *A, *B, *C, *D, *delta_bias, *h0;
-    float *y, *h_last;
-    int64_t u_sb, u_st, delta_sb, delta_st, z_sb, z_st, B_sb, B_st, C_sb, C_st;   /* y: contiguous */
-    int64_t batch, dim, length, dstate;
-    int32_t delta_softplus;
-} mq_cpu_scan_params;
 
 int mq_cpu_scan_abi(void) { return MQ_CPU_SCAN_ABI; }
 
@@ -54,13 +47,53 @@ static inline float decay_exp(float x) {
     return p * scale.f;
 }
 
+/* The time index the scan's step s reads and writes. */
+static inline int64_t time_index(const mq_cpu_scan_params *p, int64_t s) {
+    return p->reverse ? p->length - 1 - s : s;
+}
+
+/* Steps [t0, t0 + steps) of lanes [0, lanes) of a (b, l, d)-shaped tensor (x: this batch element's
+ * first channel of the block; st, sd: step and channel strides) into tile[step][lane], or back. */
+static inline __attribute__((always_inline)) void load_tile(float tile[TILE][LANES], const float *x, int64_t st,
+                                                            int64_t sd, const mq_cpu_scan_params *p, int64_t t0,
+                                                            int64_t steps, const int lanes) {
+    if (sd == 1) {
+        for (int64_t t = 0; t < steps; ++t)
+            for (int j = 0; j < lanes; ++j) tile[t][j] = x[time_index(p, t0 + t) * st + j];
+    } else {
+        for (int j = 0; j < lanes; ++j)
+            for (int64_t t = 0; t < steps; ++t) tile[t][j] = x[time_index(p, t0 + t) * st + j * sd];
+    }
+}
+
+static inline __attribute__((always_inline)) void store_tile(float *x, int64_t st, int64_t sd,
+                                                             float tile[TILE][LANES], const mq_cpu_scan_params *p,
+                                                             int64_t t0, int64_t steps, const int lanes) {
+    if (sd == 1) {
+        for (int64_t t = 0; t < steps; ++t)
+            for (int j = 0; j < lanes; ++j) x[time_index(p, t0 + t) * st + j] = tile[t][j];
+    } else {
+        for (int j = 0; j < lanes; ++j)
+            for (int64_t t = 0; t < steps; ++t) x[time_index(p, t0 + t) * st + j * sd] = tile[t][j];
+    }
+}
+
+/* y · SiLU(z) with libm's scalar expf and a true division, as this kernel always computed the gate:
+ * kept out of line so the loop calling it stays scalar (the vectorized form, libmvec's expf and a
+ * reciprocal estimate, differs in the last bits and would change every result). */
+static __attribute__((noinline)) float silu_gate(float y, float z) { return y * z / (1.0f + expf(-z)); }
+
 /* Always inlined, so the call with lanes == LANES compiles to fixed-width vector code. */
 static inline __attribute__((always_inline)) void scan_block(const mq_cpu_scan_params *p, int64_t b,
                                                              int64_t d0, const int lanes) {
     const int64_t n = p->dstate, dim = p->dim;
     float h[MQ_CPU_SCAN_MAX_DSTATE][LANES], a[MQ_CPU_SCAN_MAX_DSTATE][LANES];
     float bias[LANES] = {0}, skip[LANES] = {0};
-    float dt[TILE][LANES], du[TILE][LANES], acc[TILE][LANES];
+    float dt[TILE][LANES], u[TILE][LANES], du[TILE][LANES], z[TILE][LANES], acc[TILE][LANES];
+    const float *u_b = p->u + b * p->u_sb + d0 * p->u_sd;
+    const float *delta_b = p->delta + b * p->delta_sb + d0 * p->delta_sd;
+    const float *z_b = p->z ? p->z + b * p->z_sb + d0 * p->z_sd : 0;
+    float *y_b = p->y + b * p->y_sb + d0 * p->y_sd;
     for (int j = 0; j < lanes; ++j) {
         if (p->delta_bias) bias[j] = p->delta_bias[d0 + j];
         if (p->D) skip[j] = p->D[d0 + j];
@@ -72,23 +105,23 @@ static inline __attribute__((always_inline)) void scan_block(const mq_cpu_scan_p
         }
     for (int64_t t0 = 0; t0 < p->length; t0 += TILE) {
         const int64_t steps = p->length - t0 < TILE ? p->length - t0 : TILE;
+        load_tile(dt, delta_b, p->delta_st, p->delta_sd, p, t0, steps, lanes);
+        load_tile(u, u_b, p->u_st, p->u_sd, p, t0, steps, lanes);
         for (int64_t t = 0; t < steps; ++t) {
-            const float *delta_t = p->delta + b * p->delta_sb + (t0 + t) * p->delta_st + d0;
-            const float *u_t = p->u + b * p->u_sb + (t0 + t) * p->u_st + d0;
             for (int j = 0; j < lanes; ++j) {
-                float v = delta_t[j] + bias[j];
+                float v = dt[t][j] + bias[j];
                 /* torch's softplus, threshold 20 */
                 if (p->delta_softplus) v = v > 20.0f ? v : log1pf(expf(v));
                 dt[t][j] = v;
-                du[t][j] = v * u_t[j];
+                du[t][j] = v * u[t][j];
             }
         }
         for (int64_t t = 0; t < steps; ++t) {
-            const float *B_t = p->B + b * p->B_sb + (t0 + t) * p->B_st;
-            const float *C_t = p->C + b * p->C_sb + (t0 + t) * p->C_st;
+            const float *B_t = p->B + b * p->B_sb + time_index(p, t0 + t) * p->B_st;
+            const float *C_t = p->C + b * p->C_sb + time_index(p, t0 + t) * p->C_st;
             float sum[LANES] = {0};
             for (int64_t k = 0; k < n; ++k) {
-                const float bk = B_t[k], ck = C_t[k];
+                const float bk = B_t[k * p->B_sn], ck = C_t[k * p->C_sn];
                 for (int j = 0; j < lanes; ++j) {
                     h[k][j] = decay_exp(dt[t][j] * a[k][j]) * h[k][j] + du[t][j] * bk;
                     sum[j] += h[k][j] * ck;
@@ -96,17 +129,15 @@ static inline __attribute__((always_inline)) void scan_block(const mq_cpu_scan_p
             }
             for (int j = 0; j < lanes; ++j) acc[t][j] = sum[j];
         }
-        for (int64_t t = 0; t < steps; ++t) {
-            const float *u_t = p->u + b * p->u_sb + (t0 + t) * p->u_st + d0;
-            float *y_t = p->y + (b * p->length + t0 + t) * dim + d0;
-            if (p->z) {
-                const float *z_t = p->z + b * p->z_sb + (t0 + t) * p->z_st + d0;
-                for (int j = 0; j < lanes; ++j)
-                    y_t[j] = (acc[t][j] + skip[j] * u_t[j]) * z_t[j] / (1.0f + expf(-z_t[j]));
-            } else {
-                for (int j = 0; j < lanes; ++j) y_t[j] = acc[t][j] + skip[j] * u_t[j];
-            }
+        if (z_b) {
+            load_tile(z, z_b, p->z_st, p->z_sd, p, t0, steps, lanes);
+            for (int64_t t = 0; t < steps; ++t)
+                for (int j = 0; j < lanes; ++j) acc[t][j] = silu_gate(acc[t][j] + skip[j] * u[t][j], z[t][j]);
+        } else {
+            for (int64_t t = 0; t < steps; ++t)
+                for (int j = 0; j < lanes; ++j) acc[t][j] = acc[t][j] + skip[j] * u[t][j];
         }
+        store_tile(y_b, p->y_st, p->y_sd, acc, p, t0, steps, lanes);
     }
     if (p->h_last)
         for (int64_t k = 0; k < n; ++k)
@@ -117,7 +148,6 @@ int64_t mq_cpu_scan_units(const mq_cpu_scan_params *p) {
     return p->batch * ((p->dim + LANES - 1) / LANES);
 }
 
-/* Units [unit_begin, unit_end) of mq_cpu_scan_units(p); callers split the range across threads. */
 int mq_cpu_scan(const mq_cpu_scan_params *p, int64_t unit_begin, int64_t unit_end) {
     if (p->dstate < 1 || p->dstate > MQ_CPU_SCAN_MAX_DSTATE) return 1;
 #ifdef MQ_X86
