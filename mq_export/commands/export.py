@@ -24,7 +24,7 @@ def run_export(checkpoint: str | Path, out: str | Path, quant: QuantConfig | Non
     from ..evaluate import classification_metrics
     from ..load.checkpoints import load_checkpoint
     from ..load.data import mnist_splits
-    from ..models.registry import is_language_model
+    from ..models.registry import family_of, is_language_model
     from .output import staged_output_dir
 
     if quant is not None and calib is None:
@@ -44,6 +44,8 @@ def run_export(checkpoint: str | Path, out: str | Path, quant: QuantConfig | Non
     calib_inputs = load_calibration_file(calib, model) if calib is not None else None
     if decode and not is_lm:
         raise MQExportError(f"--decode exports a language model's step graph; {checkpoint} is a classifier")
+    if decode:
+        family_of(model).state_layers(model)   # a family without decode state refuses here, before any work
     with staged_output_dir(out, force, inputs=(checkpoint, calib)) as staging:
         if is_lm:
             g = torch.Generator().manual_seed(0)

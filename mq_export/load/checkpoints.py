@@ -234,12 +234,19 @@ def load_lm(directory: str | Path) -> MambaLMHeadModel:
     state = _read_tensors(weights)
     if is_hf:
         state = _renamed(state, family.hf_renames)
+    model = family.build(cfg)
     if cfg.tie_embeddings:
         state.pop("lm_head.weight", None)  # tied: the embedding is the one copy
-        state["lm_head.weight"] = state.get("backbone.embedding.weight", torch.empty(0))
-    model = family.build(cfg)
+        state["lm_head.weight"] = state.get(_tied_embedding(model), torch.empty(0))
     _load_strict(model, state, weights)
     return model.eval()
+
+
+def _tied_embedding(model: nn.Module) -> str:
+    """The name of the embedding weight a tied lm_head shares (backbone.embedding.weight in
+    mamba-ssm's layout, model.embed_tokens.weight in Bamba's)."""
+    return next(name for name, p in model.named_parameters(remove_duplicate=False)
+                if p is model.lm_head.weight and name != "lm_head.weight")
 
 
 # ---------------------------------------------------------------- sharded checkpoints (HF layout)
@@ -315,6 +322,7 @@ def load_sharded(family: ModelFamily, cfg: LMConfig, index: Path, hf_names: bool
         model = family.build(cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if cfg.tie_embeddings:
+        embedding = _tied_embedding(model)
         del expected["lm_head.weight"]   # tied: the embedding is the one copy (a listed lm_head is skipped)
     to_model = {file: dict(zip(names, _renamed(dict.fromkeys(names), family.hf_renames) if hf_names else names))
                 for file, names in shards.items()}
@@ -333,7 +341,7 @@ def load_sharded(family: ModelFamily, cfg: LMConfig, index: Path, hf_names: bool
             state[wanted[name]] = value.float()
         model.load_state_dict(state, strict=False, assign=True)
     if cfg.tie_embeddings:
-        model.lm_head.weight = model.backbone.embedding.weight
+        model.lm_head.weight = model.get_parameter(embedding)
     return model.eval()
 
 

@@ -267,7 +267,7 @@ class Mamba2LMFamily(MambaLMFamily):
                                   d_conv=read.integer("conv_kernel", 4), expand=expand, headdim=headdim,
                                   ngroups=groups, conv_bias=read.boolean("use_conv_bias", True),
                                   bias=read.boolean("use_bias", False),
-                                  dt_limit=_dt_limit(read, "time_step_limit", source), norm_eps=eps)
+                                  dt_limit=dt_limit_from_config(read, "time_step_limit", source), norm_eps=eps)
         return Mamba2LMConfig(mixer=mixer, n_layer=read.integer("num_hidden_layers"),
                               vocab_size=read.integer("vocab_size"), rms_norm=True, norm_epsilon=eps,
                               pad_vocab_size_multiple=1, tie_embeddings=read.boolean("tie_word_embeddings", False))
@@ -292,7 +292,7 @@ class Mamba2LMFamily(MambaLMFamily):
         mixer = Mamba2MixerConfig(d_model=d_model, d_state=ssm.integer("d_state", 128), d_conv=ssm.integer("d_conv", 4),
                                   expand=expand, headdim=ssm.integer("headdim", 64), ngroups=ssm.integer("ngroups", 1),
                                   conv_bias=ssm.boolean("conv_bias", True), bias=ssm.boolean("bias", False),
-                                  dt_limit=_dt_limit(ssm, "dt_limit", source),
+                                  dt_limit=dt_limit_from_config(ssm, "dt_limit", source),
                                   D_has_hdim=ssm.boolean("D_has_hdim", False), rmsnorm=ssm.boolean("rmsnorm", True))
         if ssm.values.get("d_ssm") not in (None, mixer.d_inner):
             raise MQExportError(f"{source}: ssm_cfg.d_ssm {json.dumps(ssm.values['d_ssm'])} is not expand × d_model "
@@ -312,7 +312,7 @@ class Mamba2LMFamily(MambaLMFamily):
                               d_intermediate=read.integer("d_intermediate", 0, minimum=0))
 
 
-def _dt_limit(read, key: str, source) -> tuple[float, float]:
+def dt_limit_from_config(read, key: str, source) -> tuple[float, float]:
     """A Δ limit: [low, high] with 0 ≤ low < high; high may be infinite (no upper limit), written as
     JSON's Infinity or as transformers writes it, {"__float__": "Infinity"}."""
     value = read.values.get(key, list(NO_DT_LIMIT))

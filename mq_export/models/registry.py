@@ -4,15 +4,19 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import MQExportError
+from .bamba import BambaFamily
 from .convert import CustomModelFamily, contains_mixers
 from .falcon_mamba import FalconMambaFamily
 from .family import LANGUAGE_MODEL, ModelFamily
+from .granitemoehybrid import GraniteMoeHybridFamily
 from .mamba import MambaLMFamily, SequenceClassifierFamily
 from .mamba2 import Mamba2LMFamily
+from .nemotron_h import NemotronHFamily
 from .vim import VisionMambaFamily
 
 FAMILIES: tuple[ModelFamily, ...] = (SequenceClassifierFamily(), MambaLMFamily(), FalconMambaFamily(),
-                                     Mamba2LMFamily(), VisionMambaFamily())
+                                     Mamba2LMFamily(), VisionMambaFamily(), NemotronHFamily(), BambaFamily(),
+                                     GraniteMoeHybridFamily())
 _BY_CLASS = {family.model_class: family for family in FAMILIES}
 HF_MODEL_TYPES = {model_type: family for family in FAMILIES for model_type in family.hf_model_types}
 MAMBA_LM = _BY_CLASS[MambaLMFamily.model_class]

@@ -1,0 +1,122 @@
+"""The attention and MLP blocks of the hybrid Mamba-2 + attention language models (Nemotron-H,
+Bamba, Granite-4.0-H), with HF transformers' parameter names (q_proj, k_proj, v_proj, o_proj;
+gate_proj, up_proj, down_proj; Granite's input_linear, output_linear).
+
+Attention is causal grouped-query attention: `heads` query heads share `kv_heads` key/value
+heads (query head i reads kv head i // (heads / kv_heads), as transformers' repeat_kv), scaled by
+head_dim^-½ (or the config's multiplier), with rotary position embeddings on the leading channels
+of each head where the config has them (transformers' default RoPE; Bamba rotates half of each
+head) or no positional encoding at all (Nemotron-H). Written with plain matmuls, a softmax and a
+mask built from the sequence length, so the ONNX exporter writes it as standard ops with dynamic
+batch and length.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# The activations the hybrids' MLPs use, by transformers' ACT2FN names.
+ACTIVATIONS = {"silu": F.silu, "relu": F.relu, "relu2": lambda x: F.relu(x).square(), "gelu": F.gelu}
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    d_model: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    bias: bool = False              # q/k/v/o biases
+    # RoPE: its frequencies are theta^(-j / rope_dim) for even j < rope_dim, each rotating a pair of
+    # channels at the start of a head (transformers' default rope_type); rope_dim 0: no RoPE.
+    rope_dim: int = 0
+    rope_theta: float = 10000.0
+    scale: float | None = None      # the scores' factor; None: head_dim^-½ (Granite: attention_multiplier)
+
+
+class Attention(nn.Module):
+    """Causal grouped-query self-attention; input and output (batch, length, d_model)."""
+
+    def __init__(self, cfg: AttentionConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        q_width, kv_width = cfg.heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+        self.q_proj = nn.Linear(cfg.d_model, q_width, bias=cfg.bias)
+        self.k_proj = nn.Linear(cfg.d_model, kv_width, bias=cfg.bias)
+        self.v_proj = nn.Linear(cfg.d_model, kv_width, bias=cfg.bias)
+        self.o_proj = nn.Linear(q_width, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        cfg = self.cfg
+        batch, length, _ = hidden.shape
+        groups = cfg.heads // cfg.kv_heads
+        # (b, kv_heads, groups, l, head_dim): the query heads that share a kv head side by side, so
+        # one broadcast matmul serves them all instead of repeating k and v.
+        q = self.q_proj(hidden).view(batch, length, cfg.kv_heads, groups, cfg.head_dim).permute(0, 2, 3, 1, 4)
+        k = self.k_proj(hidden).view(batch, length, cfg.kv_heads, 1, cfg.head_dim).permute(0, 2, 3, 1, 4)
+        v = self.v_proj(hidden).view(batch, length, cfg.kv_heads, 1, cfg.head_dim).permute(0, 2, 3, 1, 4)
+        positions = torch.arange(length, device=hidden.device)
+        if cfg.rope_dim:
+            q, k = self._rotate(q, positions), self._rotate(k, positions)
+        scores = (q @ k.transpose(-1, -2)) * (cfg.head_dim ** -0.5 if cfg.scale is None else cfg.scale)
+        future = positions[None, :] > positions[:, None]
+        weights = scores.masked_fill(future, float("-inf")).softmax(dim=-1)
+        out = (weights @ v).permute(0, 3, 1, 2, 4).reshape(batch, length, cfg.heads * cfg.head_dim)
+        return self.o_proj(out)
+
+    def _rotate(self, x: Tensor, positions: Tensor) -> Tensor:
+        """RoPE on the leading channels of each head, two per frequency: channels j and j + half of
+        that span turn together by position × frequency j (transformers' rotate_half pairing). The
+        frequencies are computed here, not kept in a buffer: a model built on the meta device
+        (sharded loading) gets only its weights filled in."""
+        cfg = self.cfg
+        inv_freq = cfg.rope_theta ** -(torch.arange(0, cfg.rope_dim, 2, dtype=torch.float32, device=x.device)
+                                       / cfg.rope_dim)
+        angles = positions[:, None].float() * inv_freq                          # (l, half)
+        cos, sin = angles.cos(), angles.sin()
+        half = inv_freq.numel()
+        x1, x2, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
+
+
+@dataclass(frozen=True)
+class MLPConfig:
+    d_model: int
+    hidden: int                     # transformers' intermediate_size
+    activation: str                 # a key of ACTIVATIONS
+    gated: bool                     # act(gate_proj(x)) · up_proj(x) (SwiGLU-style), else act(up_proj(x))
+    bias: bool = False
+
+
+class MLP(nn.Module):
+    """up_proj (and gate_proj) → activation → down_proj; input and output (batch, length, d_model)."""
+
+    def __init__(self, cfg: MLPConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.act = ACTIVATIONS[cfg.activation]
+        if cfg.gated:
+            self.gate_proj = nn.Linear(cfg.d_model, cfg.hidden, bias=cfg.bias)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.hidden, bias=cfg.bias)
+        self.down_proj = nn.Linear(cfg.hidden, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        hidden = self.act(self.gate_proj(x)) * self.up_proj(x) if self.cfg.gated else self.act(self.up_proj(x))
+        return self.down_proj(hidden)
+
+
+class FusedGatedMLP(nn.Module):
+    """Granite's shared_mlp: input_linear → (gate, up) halves → act(gate) · up → output_linear, no
+    biases; input and output (batch, length, d_model)."""
+
+    def __init__(self, cfg: MLPConfig) -> None:
+        super().__init__()
+        self.act = ACTIVATIONS[cfg.activation]
+        self.input_linear = nn.Linear(cfg.d_model, 2 * cfg.hidden, bias=False)
+        self.output_linear = nn.Linear(cfg.hidden, cfg.d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.input_linear(x).chunk(2, dim=-1)
+        return self.output_linear(self.act(gate) * up)

@@ -1,0 +1,86 @@
+"""Granite-4.0-H, dense variant (Bamba's layout with μP-style multipliers and a fused gated MLP),
+loaded from transformers' save_pretrained directories: logits against transformers' own CPU
+forward in PyTorch and ONNX Runtime, and the one-line refusals (the MoE variant among them)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mq_export
+from mq_export.models.granitemoehybrid import GraniteMoeHybridLM
+from tests.test_hybrid_nemotron_h import (CHUNK, VOCAB, assert_api_export_matches, assert_cli_export_matches,
+                                          assert_load_refused, assert_quantizing_and_decoding_refused, edited_config,
+                                          relative_error, save_random)
+
+transformers = pytest.importorskip("transformers", reason="transformers (dev extra) is not installed")
+
+# Odd sizes: 8 Mamba heads of 6 channels in 2 groups, a state of 7; 4 query heads of 6 channels
+# sharing 2 kv heads with RoPE; every multiplier away from 1.
+CONFIG = dict(vocab_size=VOCAB, hidden_size=24, num_hidden_layers=4,
+              layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"],
+              num_attention_heads=4, num_key_value_heads=2, shared_intermediate_size=20, num_local_experts=0,
+              mamba_n_heads=8, mamba_n_groups=2, mamba_d_state=7, mamba_d_conv=3, mamba_chunk_size=CHUNK,
+              position_embedding_type="rope", attention_bias=True, time_step_limit=(0.01, 3.0),
+              embedding_multiplier=3.0, residual_multiplier=0.5, logits_scaling=2.5, attention_multiplier=0.3,
+              tie_word_embeddings=True)
+MAMBA_LAYERS = 2
+
+
+def save_granite(directory, **overrides):
+    config = transformers.GraniteMoeHybridConfig(**{**CONFIG, **overrides})
+    return save_random(transformers.GraniteMoeHybridForCausalLM, config, directory)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("granite")
+    return directory, save_granite(directory)
+
+
+def assert_logits_match(directory, reference) -> GraniteMoeHybridLM:
+    model = mq_export.load(directory)
+    assert type(model) is GraniteMoeHybridLM
+    ids = torch.randint(0, VOCAB, (2, CHUNK * 2 + 3), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert relative_error(model(ids), reference(ids).logits) <= 1e-4
+    return model
+
+
+def test_logits_match_transformers(saved):
+    model = assert_logits_match(*saved)
+    assert model.lm_head.weight is model.model.embed_tokens.weight     # tie_word_embeddings
+
+
+def test_no_positional_encoding_and_legacy_layer_names(tmp_path):
+    """position_embedding_type null: attention without RoPE; layer_types in the older spelling."""
+    reference = save_granite(tmp_path, position_embedding_type=None, tie_word_embeddings=False)
+    edited_config(tmp_path, layer_types=["mamba", "attention", "mamba", "attention"])
+    assert_logits_match(tmp_path, reference)
+
+
+def test_cli_export_runs_in_onnxruntime_like_transformers(saved, tmp_path):
+    directory, reference = saved
+    onnx_settings = assert_cli_export_matches(directory, tmp_path / "out", reference, MAMBA_LAYERS)
+    assert onnx_settings["ssd_scan_spec"]["dt_min"] == CONFIG["time_step_limit"][0]
+
+
+def test_python_api_export_runs_in_onnxruntime_like_transformers(saved, tmp_path):
+    directory, reference = saved
+    assert_api_export_matches(directory, tmp_path / "model.onnx", reference, MAMBA_LAYERS)
+
+
+def test_quantization_and_decoding_are_refused_in_one_line(saved, tmp_path):
+    assert_quantizing_and_decoding_refused(mq_export.load(saved[0]), "granite-hybrid", tmp_path)
+
+
+@pytest.mark.parametrize("settings, named", [
+    (dict(num_local_experts=4), "num_local_experts 4"),
+    (dict(num_local_experts=None), "num_local_experts 8"),     # transformers' default: the MoE variant
+    (dict(hidden_act="gelu"), "hidden_act"),
+    (dict(position_embedding_type="alibi"), "position_embedding_type"),
+    (dict(layer_types=["linear_attention", "sliding_attention", "linear_attention", "full_attention"]),
+     "unknown layer types"),
+    (dict(rope_parameters={"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4}), "rope_parameters.rope_type"),
+])
+def test_unsupported_setting_is_one_line_naming_it(saved, tmp_path, settings, named):
+    assert_load_refused(saved[0], tmp_path, settings, named)
