@@ -16,6 +16,7 @@ from mq_export.export.decode import export_decode
 from mq_export.export.onnx import scan_function
 from mq_export.export.ssd_function import ssd_function
 from mq_export.models.mamba import LMConfig, MambaLMHeadModel, MixerConfig
+from mq_export.ops import cpu_kernel
 from mq_export.ops.selective_scan import selective_scan_reference
 from mq_export.ops.spec import SCAN_DOMAIN, SSDScanSpec, SelectiveScanSpec
 from mq_export.ops.ssd_scan import ssd_scan_reference
@@ -92,6 +93,23 @@ def test_selective_scan_native_equals_body_and_reference(native, spec, length):
     t = selective_scan_inputs(spec, length)
     assert_native_matches(spec, scan_function(spec, 18), t, selective_scan_reference(
         **t, delta_softplus=spec.delta_softplus, return_last_state=spec.return_last_state, reverse=spec.reverse))
+
+
+@pytest.mark.parametrize("spec", SELECTIVE_SPECS, ids=str)
+def test_selective_scan_native_is_pytorchs_fused_kernel_bit_for_bit(native, spec):
+    """ORT hands the kernel the op's (b, d, l) tensors, PyTorch time-major ones: the same C code must
+    give the same bits whatever the layout (one definition of the math, SiLU gate included)."""
+    if not cpu_kernel.supports(torch.zeros(1)):
+        pytest.skip("PyTorch's fused CPU scan kernel is unavailable")
+    t = selective_scan_inputs(spec, 300)
+    native_out = mq_ort.session(single_node_model(spec, scan_function(spec, 18)), scan="native", threads=1).run(
+        None, {k: v.numpy() for k, v in t.items()})
+    fused = cpu_kernel.selective_scan_fused(
+        t["u"], t["delta"], t["A"], t["B"], t["C"], t.get("D"), t.get("z"), t.get("delta_bias"), spec.delta_softplus,
+        t.get("initial_state"), spec.return_last_state, reverse=spec.reverse)
+    fused = fused if isinstance(fused, tuple) else (fused,)
+    for n_out, f_out in zip(native_out, fused, strict=True):
+        np.testing.assert_array_equal(n_out, f_out.contiguous().numpy())
 
 
 def ssd_inputs(spec: SSDScanSpec, length: int, b: int = 2, h: int = 4, p: int = 3, g: int = 2, n: int = 5):

@@ -1,10 +1,11 @@
-"""Decode benchmark on the bundled char LM: ONNX Runtime tokens/s of the FP32 and the quantized
-step graphs (batch 1, greedy), PyTorch step decoding for reference, and prefill time vs length.
-Each ORT graph runs twice: scan nodes through the native kernels (mq_export.runtime.ort_native,
-where they build) and through the op's function body.
+"""Decode benchmark on the bundled char LMs (Mamba-1 shakespeare-charlm, Mamba-2 shakespeare-mamba2):
+ONNX Runtime tokens/s of the FP32 and the quantized step graphs (batch 1, greedy), PyTorch step
+decoding for reference, and prefill time vs length. Each ORT graph runs twice: scan nodes through
+the native kernels (mq_export.runtime.ort_native, where they build) and through the op's function
+body.
 
-    python tools/bench_decode.py                       # FP32 vs MambaQuant W8A8, 2 threads
-    python tools/bench_decode.py --method rtn --tokens 500 --lengths 16 128 1024
+    python tools/bench_decode.py                       # both models, FP32 vs MambaQuant W8A8, 2 threads
+    python tools/bench_decode.py --model shakespeare-mamba2 --method rtn --tokens 500 --lengths 16 128 1024
 """
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ def prefill_ms(decoder, length: int, vocab: int, repeats: int) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="shakespeare-charlm")
+    p.add_argument("--model", nargs="+", default=["shakespeare-charlm", "shakespeare-mamba2"])
     p.add_argument("--method", default="mambaquant", help="quantization method of the INT8 graph")
     p.add_argument("--tokens", type=int, default=300)
     p.add_argument("--lengths", type=int, nargs="+", default=[16, 64, 256, 1024])
@@ -67,15 +68,21 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
-    spec = bundled(args.model)
+    for model in args.model:
+        bench_model(model, args)
+
+
+def bench_model(model_name: str, args: argparse.Namespace) -> None:
+    """One bundled LM: its table of tokens/s and prefill times."""
+    spec = bundled(model_name)
     tok = spec.tokenizer()
     vocab = len(tok)
-    fp32 = load(args.model)
+    fp32 = load(model_name)
     calib, evaluation = spec.splits(None)
     stats = calibrate(fp32, calib, exclude=(evaluation,), batch_size=spec.batch_size, quiet=True)
     int8, _ = quantize(fp32, stats, method=args.method, w_bits=8, a_bits=8, quiet=True)
     prompt = tok.encode("ROMEO:")
-    print(f"{args.model}, batch 1, {args.threads} threads, {args.tokens} greedy tokens after a "
+    print(f"\n{model_name}, batch 1, {args.threads} threads, {args.tokens} greedy tokens after a "
           f"{len(prompt)}-character prompt; prefill: best of {args.repeats}")
     scans = ["function_body"] + (["native"] if scan_implementation().name == "native" else [])
     print(f"scan implementations: {', '.join(scans)}")
