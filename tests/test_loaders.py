@@ -103,8 +103,8 @@ def test_unsupported_lm_configs(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(MQExportError, match="ssm_cfg.layer 'Mamba3' is not supported"):
         load_lm(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "jamba", "hidden_size": 8}))
-    with pytest.raises(MQExportError, match="model_type 'jamba' is not supported"):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "rwkv", "hidden_size": 8}))
+    with pytest.raises(MQExportError, match="model_type 'rwkv' is not supported"):
         load_lm(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(MQExportError, match="not valid JSON"):
@@ -114,7 +114,7 @@ def test_unsupported_lm_configs(tmp_path):
 def test_model_types_dispatch_through_the_family_registry(tmp_path):
     from mq_export.models.registry import HF_MODEL_TYPES, family_of
     assert set(HF_MODEL_TYPES) == {"mamba", "falcon_mamba", "mamba2", "nemotron_h", "bamba",
-                                   "granitemoehybrid"}
+                                   "granitemoehybrid", "jamba", "falcon_h1"}
     save_mamba_ssm(small_lm(), tmp_path)
     assert family_of(load_lm(tmp_path)).name == "mamba-lm"
     with pytest.raises(MQExportError, match="Linear is not a model family"):

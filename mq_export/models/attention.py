@@ -88,6 +88,7 @@ class MLPConfig:
     activation: str                 # a key of ACTIVATIONS
     gated: bool                     # act(gate_proj(x)) · up_proj(x) (SwiGLU-style), else act(up_proj(x))
     bias: bool = False
+    gate_multiplier: float = 1.0    # of gate_proj's output, before the activation (Falcon-H1's mlp_multipliers[0])
 
 
 class MLP(nn.Module):
@@ -103,8 +104,12 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.hidden, cfg.d_model, bias=cfg.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        hidden = self.act(self.gate_proj(x)) * self.up_proj(x) if self.cfg.gated else self.act(self.up_proj(x))
-        return self.down_proj(hidden)
+        if not self.cfg.gated:
+            return self.down_proj(self.act(self.up_proj(x)))
+        gate = self.gate_proj(x)
+        if self.cfg.gate_multiplier != 1:
+            gate = gate * self.cfg.gate_multiplier
+        return self.down_proj(self.act(gate) * self.up_proj(x))
 
 
 class FusedGatedMLP(nn.Module):

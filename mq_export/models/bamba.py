@@ -18,8 +18,8 @@ from torch import Tensor, nn
 
 from ..errors import MQExportError
 from .attention import Attention, AttentionConfig, MLP as MLPBlock, MLPConfig
-from .hybrid import (ATTENTION, MAMBA, HybridLM, HybridLMConfig, HybridLMFamily, HybridStack, check_ssm_heads,
-                     kv_heads, require_value)
+from .hybrid import (ATTENTION, MAMBA, HybridLM, HybridLMConfig, HybridLMFamily, HybridStack, kv_heads, mamba_heads,
+                     require_value)
 from .mamba import RMSNorm
 from .mamba2 import Mamba2MixerConfig, dt_limit_from_config
 
@@ -115,14 +115,8 @@ def mamba_mixer_config(read, d_model: int, eps: float, source) -> Mamba2MixerCon
     """The Mamba-2 layers as Bamba and Granite-4.0-H configure them: the mamba_* settings
     (mamba_d_head "auto": mamba_expand × hidden_size / mamba_n_heads), Δ clamped to
     time_step_limit, the gated RMSNorm's eps `eps`. mamba_chunk_size only groups the computation."""
-    expand, heads = read.integer("mamba_expand", 2), read.integer("mamba_n_heads", 128)
-    d_inner = expand * d_model
-    head_dim = d_inner // heads if read.values.get("mamba_d_head", "auto") == "auto" else read.integer("mamba_d_head")
-    if heads * head_dim != d_inner:
-        raise MQExportError(f"{source}: mamba_n_heads × mamba_d_head = {heads} × {head_dim} is not "
-                            f"mamba_expand × hidden_size = {d_inner}")
-    groups = read.integer("mamba_n_groups", 1)
-    check_ssm_heads(heads, groups, source, "mamba_n_heads", "mamba_n_groups")
+    expand = read.integer("mamba_expand", 2)
+    _, head_dim, groups = mamba_heads(read, expand * d_model, source, "mamba_expand × hidden_size")
     read.integer("mamba_chunk_size", 256)
     return Mamba2MixerConfig(d_model=d_model, d_state=read.integer("mamba_d_state", 256),
                              d_conv=read.integer("mamba_d_conv", 4), expand=expand, headdim=head_dim, ngroups=groups,

@@ -1,12 +1,13 @@
-"""What the hybrid Mamba-2 + attention families (models/nemotron_h.py, bamba.py,
-granitemoehybrid.py) share: their config, embedding → layers → norm stack and LM head, their
-family adapter's base, and the checks of config settings common to them.
+"""What the hybrid Mamba + attention families share (models/nemotron_h.py, bamba.py,
+granitemoehybrid.py, falcon_h1.py with Mamba-2 layers; jamba.py with Mamba-1 layers): their
+config, embedding → layers → norm stack and LM head, their family adapter's base, and the checks
+of config settings common to them.
 
 A hybrid LM reads `input_ids` (batch, length) int64 and writes `logits` (batch, length, vocab),
-as the Mamba LMs do, and is exported with `--method none` as one graph: SSDScan nodes for its
-Mamba-2 layers, standard ONNX ops for attention and MLPs. Quantization and stateful decoding
-(a KV cache beside the Mamba state) are not implemented for hybrids yet (issue #20); both are
-refused with one line.
+as the Mamba LMs do, and is exported with `--method none` as one graph: SSDScan (Mamba-2) or
+SelectiveScan (Jamba's Mamba-1) nodes for its Mamba layers, standard ONNX ops for attention, MLPs
+and MoE. Quantization and stateful decoding (a KV cache beside the Mamba state) are not
+implemented for hybrids yet (issue #20); both are refused with one line.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from torch import Tensor, nn
 
 from ..errors import MQExportError
 from .attention import ACTIVATIONS, AttentionConfig, MLPConfig
-from .mamba import MambaLMFamily, RMSNorm
+from .mamba import MambaLMFamily, MixerConfig, RMSNorm
 from .mamba2 import Mamba2MixerConfig
 
 # The kinds of layer a hybrid stacks.
@@ -28,7 +29,7 @@ MAMBA, ATTENTION, MLP = "mamba", "attention", "mlp"
 class HybridLMConfig:
     vocab_size: int
     layer_kinds: tuple[str, ...]    # MAMBA, ATTENTION or MLP per layer (what each family's layer holds)
-    mamba: Mamba2MixerConfig
+    mamba: Mamba2MixerConfig | MixerConfig   # the Mamba layers' mixer (Mamba-1 in Jamba)
     attention: AttentionConfig
     mlp: MLPConfig
     norm_epsilon: float             # the RMSNorms'
@@ -149,3 +150,17 @@ def check_ssm_heads(heads: int, groups: int, source, heads_key: str, groups_key:
     """The Mamba-2 B/C groups divide the heads (each group serves heads / groups of them)."""
     if heads % groups:
         raise MQExportError(f"{source}: {groups_key} {groups} does not divide {heads_key} {heads}")
+
+
+def mamba_heads(read, d_inner: int, source, channels: str) -> tuple[int, int, int]:
+    """(mamba_n_heads, mamba_d_head, mamba_n_groups) of a Mamba-2 mixer of `d_inner` channels (as
+    `channels` names them): mamba_d_head "auto" is d_inner / mamba_n_heads, and the heads must fill
+    the channels; the groups divide the heads."""
+    heads = read.integer("mamba_n_heads", 128)
+    head_dim = d_inner // heads if read.values.get("mamba_d_head", "auto") == "auto" else read.integer("mamba_d_head")
+    if heads * head_dim != d_inner:
+        raise MQExportError(f"{source}: mamba_n_heads × mamba_d_head = {heads} × {head_dim} is not {channels} = "
+                            f"{d_inner}")
+    groups = read.integer("mamba_n_groups", 1)
+    check_ssm_heads(heads, groups, source, "mamba_n_heads", "mamba_n_groups")
+    return heads, head_dim, groups

@@ -6,9 +6,11 @@ from torch import nn
 from ..errors import MQExportError
 from .bamba import BambaFamily
 from .convert import CustomModelFamily, contains_mixers
+from .falcon_h1 import FalconH1Family
 from .falcon_mamba import FalconMambaFamily
 from .family import LANGUAGE_MODEL, ModelFamily
 from .granitemoehybrid import GraniteMoeHybridFamily
+from .jamba import JambaFamily
 from .mamba import MambaLMFamily, SequenceClassifierFamily
 from .mamba2 import Mamba2LMFamily
 from .nemotron_h import NemotronHFamily
@@ -16,7 +18,7 @@ from .vim import VisionMambaFamily
 
 FAMILIES: tuple[ModelFamily, ...] = (SequenceClassifierFamily(), MambaLMFamily(), FalconMambaFamily(),
                                      Mamba2LMFamily(), VisionMambaFamily(), NemotronHFamily(), BambaFamily(),
-                                     GraniteMoeHybridFamily())
+                                     GraniteMoeHybridFamily(), JambaFamily(), FalconH1Family())
 _BY_CLASS = {family.model_class: family for family in FAMILIES}
 HF_MODEL_TYPES = {model_type: family for family in FAMILIES for model_type in family.hf_model_types}
 MAMBA_LM = _BY_CLASS[MambaLMFamily.model_class]
