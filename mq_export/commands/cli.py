@@ -171,8 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_quantization_options(demo)
     demo.set_defaults(func=_demo)
 
-    export = sub.add_parser("export", help="export a checkpoint (mamba-ssm/HF Mamba LM directory or a classifier "
-                            "of the bundled family) to DIR/model.onnx with DIR/report.json")
+    export = sub.add_parser("export", help="export a checkpoint (a mamba-ssm or HF directory of a Mamba, Mamba-2 or "
+                            "hybrid LM, a classifier state dict of the bundled family, a hustvl/Vim .pth) to "
+                            "DIR/model.onnx with DIR/report.json")
     export.add_argument("checkpoint", metavar="CHECKPOINT")
     export.add_argument("-o", "--output", required=True, metavar="DIR", help="output directory")
     export.add_argument("--calib", default=None, metavar="FILE", help=".pt/.npy calibration inputs: int token "
@@ -242,8 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print the equivalent trtexec/polygraphy command lines instead of building")
     engine.set_defaults(func=_build_engine)
 
-    gen = sub.add_parser("generate", help="generate text with a bundled language model (shakespeare-charlm), "
-                         "decoding step by step in PyTorch or ONNX Runtime")
+    gen = sub.add_parser("generate", help="generate text with a language model (shakespeare-charlm, "
+                         "shakespeare-mamba2, or an LM directory with vocab.json), decoding step by step in PyTorch "
+                         "or ONNX Runtime")
     gen.add_argument("--model", default="shakespeare-charlm", help="bundled LM, or an LM directory with vocab.json")
     gen.add_argument("--prompt", default="ROMEO:")
     gen.add_argument("--tokens", type=POSITIVE_INT, default=200, help="characters to generate (default 200)")
