@@ -1,13 +1,14 @@
-"""Granite-4.0-H, dense variant (Bamba's layout with μP-style multipliers and a fused gated MLP),
-loaded from transformers' save_pretrained directories: logits against transformers' own CPU
-forward in PyTorch and ONNX Runtime, and the one-line refusals (the MoE variant among them)."""
+"""Granite-4.0-H, dense and MoE variants (Bamba's layout with μP-style multipliers, a fused gated
+MLP and in the MoE variant a mixture of experts beside it), loaded from transformers'
+save_pretrained directories: logits against transformers' own CPU forward in PyTorch and ONNX
+Runtime, and the one-line refusals."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 import mq_export
-from mq_export.models.granitemoehybrid import GraniteMoeHybridLM
+from mq_export.models.granitemoehybrid import GraniteMoE, GraniteMoeHybridLM
 from tests.test_hybrid_nemotron_h import (CHUNK, VOCAB, assert_api_export_matches, assert_cli_export_matches,
                                           assert_load_refused, assert_quantizing_and_decoding_refused, edited_config,
                                           relative_error, save_random)
@@ -24,10 +25,15 @@ CONFIG = dict(vocab_size=VOCAB, hidden_size=24, num_hidden_layers=4,
               embedding_multiplier=3.0, residual_multiplier=0.5, logits_scaling=2.5, attention_multiplier=0.3,
               tie_word_embeddings=True)
 MAMBA_LAYERS = 2
+# The MoE variant: 5 experts of an odd width 13, 3 per token.
+MOE = dict(num_local_experts=5, num_experts_per_tok=3, intermediate_size=13)
 
 
 def save_granite(directory, **overrides):
     config = transformers.GraniteMoeHybridConfig(**{**CONFIG, **overrides})
+    # transformers' default grouped-matmul experts need sizes aligned to 16 bytes; the eager ones
+    # compute the same sum for any size.
+    config._experts_implementation = "eager"
     return save_random(transformers.GraniteMoeHybridForCausalLM, config, directory)
 
 
@@ -35,6 +41,12 @@ def save_granite(directory, **overrides):
 def saved(tmp_path_factory):
     directory = tmp_path_factory.mktemp("granite")
     return directory, save_granite(directory)
+
+
+@pytest.fixture(scope="module")
+def saved_moe(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("granite_moe")
+    return directory, save_granite(directory, **MOE)
 
 
 def assert_logits_match(directory, reference) -> GraniteMoeHybridLM:
@@ -49,6 +61,17 @@ def assert_logits_match(directory, reference) -> GraniteMoeHybridLM:
 def test_logits_match_transformers(saved):
     model = assert_logits_match(*saved)
     assert model.lm_head.weight is model.model.embed_tokens.weight     # tie_word_embeddings
+    assert all(layer.block_sparse_moe is None for layer in model.model.layers)
+
+
+def test_moe_variant_logits_match_transformers(saved_moe):
+    model = assert_logits_match(*saved_moe)
+    assert all(type(layer.block_sparse_moe) is GraniteMoE for layer in model.model.layers)
+
+
+def test_moe_variant_cli_export_runs_in_onnxruntime_like_transformers(saved_moe, tmp_path):
+    directory, reference = saved_moe
+    assert_cli_export_matches(directory, tmp_path / "out", reference, MAMBA_LAYERS)
 
 
 def test_no_positional_encoding_and_legacy_layer_names(tmp_path):
@@ -74,8 +97,7 @@ def test_quantization_and_decoding_are_refused_in_one_line(saved, tmp_path):
 
 
 @pytest.mark.parametrize("settings, named", [
-    (dict(num_local_experts=4), "num_local_experts 4"),
-    (dict(num_local_experts=None), "num_local_experts 8"),     # transformers' default: the MoE variant
+    (dict(num_local_experts=2, num_experts_per_tok=3), "num_experts_per_tok 3 is more than num_local_experts 2"),
     (dict(hidden_act="gelu"), "hidden_act"),
     (dict(position_embedding_type="alibi"), "position_embedding_type"),
     (dict(layer_types=["linear_attention", "sliding_attention", "linear_attention", "full_attention"]),
