@@ -30,6 +30,13 @@ class BundledModel:
     tokenizer: Callable[[], object] | None = None   # language models: text ↔ ids (encode/decode)
 
 
+def _char_lm(name: str, directory, description: str) -> BundledModel:
+    """A character LM trained on tinyshakespeare: all share shakespeare-charlm's tokenizer,
+    calibration slice and test split."""
+    return BundledModel(name=name, description=description, load=lambda: load_lm(directory), splits=charlm_splits,
+                        metrics=lm_metrics, batch_size=16, tokenizer=CharTokenizer.load)
+
+
 BUNDLED: dict[str, BundledModel] = {
     "mnist": BundledModel(
         name="mnist",
@@ -38,26 +45,14 @@ BUNDLED: dict[str, BundledModel] = {
         splits=mnist_splits,
         metrics=classification_metrics,
     ),
-    "shakespeare-charlm": BundledModel(
-        name="shakespeare-charlm",
-        description="character-level LM on tinyshakespeare, 4 Mamba-1 layers (d_model 128), mamba-ssm layout; "
-                    "calibrates on a training-text slice, evaluates per-character perplexity on the test split",
-        load=lambda: load_lm(CHARLM_DIR),
-        splits=charlm_splits,
-        metrics=lm_metrics,
-        batch_size=16,
-        tokenizer=CharTokenizer.load,
-    ),
-    "shakespeare-mamba2": BundledModel(
-        name="shakespeare-mamba2",
-        description="character-level LM on tinyshakespeare, 4 Mamba-2 layers (d_model 128, 8 heads × 32, d_state 64), "
-                    "mamba-ssm Mamba2 layout; shakespeare-charlm's tokenizer, calibration slice and test split",
-        load=lambda: load_lm(MAMBA2_CHARLM_DIR),
-        splits=charlm_splits,
-        metrics=lm_metrics,
-        batch_size=16,
-        tokenizer=CharTokenizer.load,
-    ),
+    "shakespeare-charlm": _char_lm(
+        "shakespeare-charlm", CHARLM_DIR,
+        "character-level LM on tinyshakespeare, 4 Mamba-1 layers (d_model 128), mamba-ssm layout; "
+        "calibrates on a training-text slice, evaluates per-character perplexity on the test split"),
+    "shakespeare-mamba2": _char_lm(
+        "shakespeare-mamba2", MAMBA2_CHARLM_DIR,
+        "character-level LM on tinyshakespeare, 4 Mamba-2 layers (d_model 128, 8 heads × 32, d_state 64), "
+        "mamba-ssm Mamba2 layout; shakespeare-charlm's tokenizer, calibration slice and test split"),
     "mnist-vim": BundledModel(
         name="mnist-vim",
         description="Vision Mamba on 28×28 MNIST images (patch 4, middle class token, 6 bimamba-v2 layers, "

@@ -124,11 +124,16 @@ def run_units(scan: Callable[[int, int], int], units: int) -> list[int]:
     return list(_pool(workers).map(scan, bounds[:-1], bounds[1:]))
 
 
+def fp32_cpu(tensors) -> bool:
+    """Whether every given tensor (None: an absent optional input) is fp32 on the CPU, which is all
+    the C kernels read."""
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors if t is not None)
+
+
 def supports(*tensors: Tensor | None) -> bool:
     """Whether the fused kernel can run these scan inputs: fp32 CPU tensors, and the kernel builds.
     It is not differentiable; callers keep autograd away from it."""
-    present = [t for t in tensors if t is not None]
-    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in present) and load() is not None
+    return fp32_cpu(tensors) and load() is not None
 
 
 def _time_major(x: Tensor) -> Tensor:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import ctypes
 import functools
 
-import torch
 from torch import Tensor
 
 from . import cpu_kernel
@@ -43,9 +42,7 @@ def supports(*tensors: Tensor | None) -> bool:
     """Whether the fused kernel can run these scan inputs: fp32 CPU tensors, d_state within the
     kernel's limit (B is the fourth), and the kernel builds. It is not differentiable; callers keep
     autograd away from it."""
-    present = [t for t in tensors if t is not None]
-    return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in present)
-            and tensors[3].shape[-1] <= MAX_DSTATE and load() is not None)
+    return cpu_kernel.fp32_cpu(tensors) and tensors[3].shape[-1] <= MAX_DSTATE and load() is not None
 
 
 def ssd_scan_fused(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, z: Tensor | None,
