@@ -10,6 +10,7 @@ from mq_export.export.decode import export_decode, state_names
 from mq_export.runtime.decode import OrtDecoder, TorchDecoder, check_decode, generate
 from mq_export.errors import MQExportError
 from mq_export.models.mamba import LMConfig, MambaLMHeadModel, MixerConfig
+from mq_export.models.registry import family_of
 from mq_export.ops.spec import SCAN_DOMAIN, SCAN_OP_TYPE
 
 
@@ -56,9 +57,12 @@ def exported(tmp_path_factory):
 def test_step_graph_io_names_and_scan_node(exported) -> None:
     model, ex = exported
     proto = onnx.load(str(ex.step))
-    assert [i.name for i in proto.graph.input] == ["input_ids", *state_names(2, "past")]
-    assert [o.name for o in proto.graph.output] == ["logits", *state_names(2, "present")]
-    assert state_names(1, "past") == ["past_conv_state.0", "past_ssm_state.0"]
+    assert [i.name for i in proto.graph.input] == ["input_ids", "past_conv_state.0", "past_ssm_state.0",
+                                                   "past_conv_state.1", "past_ssm_state.1"]
+    assert [o.name for o in proto.graph.output] == ["logits", *state_names(family_of(model).state_layout(model),
+                                                                           "present")]
+    assert state_names(((1, ("conv_state", "ssm_state")),), "present") == ["present_conv_state.1",
+                                                                           "present_ssm_state.1"]
     length = proto.graph.input[0].type.tensor_type.shape.dim[1]
     assert length.dim_value == 1
     scans = [n for n in proto.graph.node if n.domain == SCAN_DOMAIN and n.op_type == SCAN_OP_TYPE]

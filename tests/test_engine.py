@@ -70,7 +70,9 @@ def test_engine_forward_without_tensorrt(no_tensorrt, tmp_path):
 def test_parse_profile():
     assert parse_profile("batch=1:8:32,length=1:784:784") == {"batch": DimRange(1, 8, 32),
                                                               "length": DimRange(1, 784, 784)}
-    for bad in ("batch=1:8", "batch=8:1:32", "batch=a:b:c"):
+    # A dimension may be 0 (a decode graph's empty key/value caches), but not only 0.
+    assert parse_profile("past_length=0:0:4096") == {"past_length": DimRange(0, 0, 4096)}
+    for bad in ("batch=1:8", "batch=8:1:32", "batch=a:b:c", "past_length=0:0:0", "batch=-1:1:2"):
         with pytest.raises(MQExportError, match="profile entry"):
             parse_profile(bad)
 

@@ -1,7 +1,9 @@
 """ONNX export: graph contract (one SelectiveScan node + local function, Q/DQ at the sites),
 numerics against PyTorch in ONNX Runtime and onnx's reference evaluator, and bad input."""
+import collections
 import hashlib
 import logging
+import tempfile
 import threading
 
 import numpy as np
@@ -14,7 +16,8 @@ from mq_export.runtime import ort as mq_ort
 from mq_export.errors import MQExportError
 from mq_export.export.onnx import _Trace, _translated, export_module, export_onnx, scan_function
 from mq_export.load.checkpoints import load_classifier
-from mq_export.models.mamba import ClassifierConfig, LMConfig, MambaLMHeadModel, MambaSequenceClassifier, MixerConfig
+from mq_export.models.mamba import (ActivationSite, ClassifierConfig, LMConfig, MambaLMHeadModel,
+                                    MambaSequenceClassifier, MixerConfig)
 from mq_export.ops.spec import SCAN_DOMAIN, SCAN_OP_TYPE, SCAN_PLUGIN_NAMESPACE, SCAN_PLUGIN_VERSION, SelectiveScanSpec
 from mq_export.quant.qspec import ActQuant, FakeQuantize, WeightQuant
 from mq_export.ops.selective_scan import SelectiveScanOp, selective_scan, selective_scan_reference
@@ -182,6 +185,67 @@ def test_lm_exports_with_head(tmp_path):
 def _qdq_nodes(proto):
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
     return [n for n in proto.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")], inits
+
+
+class _ChannelMajor(torch.nn.Module):
+    """Linears applied to channels-last views of channel-major tensors, like Mamba-1's mixer: a
+    wide one split in two along its features, an elementwise op, a narrow one behind a site."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.wide = torch.nn.Linear(6, 16, bias=False)       # split: (2 − 1)·6 < 16
+        self.narrow = torch.nn.Linear(8, 3, bias=False)
+        self.site = ActivationSite()
+
+    def forward(self, x):                                    # (b, l, 6) → (b, 3, l)
+        a, b = self.wide(x).transpose(1, 2).chunk(2, dim=1)  # (b, 8, l) each
+        return self.narrow(self.site((torch.relu(a) * b).transpose(1, 2))).transpose(1, 2)
+
+
+def _export_channel_major(model):
+    return export_module(model, (torch.randn(2, 9, 6),), input_names=["x"], output_names=["y"],
+                         dynamic_axes={"x": {0: "batch", 1: "length"}, "y": {0: "batch", 2: "length"}})[0]
+
+
+def test_channel_major_linears_are_written_without_layout_copies():
+    """FP32: each piece of the split Linear and the narrow one are MatMuls with the weight on the
+    left (W·xᵀ), the only Transpose is the input's (ORT folds it into the MatMul), no Split; the
+    site is Q→DQ on the channel-major tensor itself. Both graphs equal PyTorch in ORT."""
+    model = _ChannelMajor().eval()
+    x = torch.randn(3, 11, 6)
+    proto = _export_channel_major(model)
+    inits = {i.name for i in proto.graph.initializer}
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("Transpose") == 1 and "Split" not in ops and ops.count("MatMul") == 3
+    assert all(n.input[0] in inits for n in proto.graph.node if n.op_type == "MatMul")
+    with torch.no_grad():
+        assert _rel(mq_ort.OrtForward(mq_ort.session(proto))(x).numpy(), model(x).numpy()) < 1e-6
+    quantized = _fake_quantize(_ChannelMajor().eval(), x)
+    proto = _export_channel_major(quantized)
+    producers = {o: n.op_type for n in proto.graph.node for o in n.output}
+    q = next(n for n in proto.graph.node if n.op_type == "QuantizeLinear")
+    assert producers[q.input[0]] == "Mul"
+    # Integer weights stay the right operand (integer GEMMs), with the Transpose after.
+    assert all(producers[n.input[1]] == "DequantizeLinear" for n in proto.graph.node if n.op_type == "MatMul")
+    with torch.no_grad():
+        assert _rel(mq_ort.OrtForward(mq_ort.session(proto))(x).numpy(), quantized(x).numpy()) < 1e-5
+
+
+def test_mamba1_mixer_graph_copies_no_layouts(fp32_export):
+    """The bundled model's FP32 graph: in_proj's x and z are two MatMuls, x_proj and dt_proj write
+    channel-major outputs, the conv pads only the past ([d_conv − 1, 0], no Slice); what ORT runs
+    has no Transpose, Slice or Split of in_proj's output left."""
+    proto, _ = fp32_export
+    ops = collections.Counter(n.op_type for n in proto.graph.node)
+    assert ops["Slice"] == 0 and ops["Split"] == 2 and ops["MatMul"] == 2 * 5 + 2
+    conv_pads = [onnx.helper.get_attribute_value(a) for n in proto.graph.node if n.op_type == "Conv"
+                 for a in n.attribute if a.name == "pads"]
+    assert conv_pads == [[3, 0], [3, 0]]
+    with tempfile.TemporaryDirectory() as tmp:
+        mq_ort.session(proto, optimized_model=f"{tmp}/optimized.onnx")
+        optimized = collections.Counter(n.op_type for n in onnx.load(f"{tmp}/optimized.onnx").graph.node)
+    assert optimized["Transpose"] == optimized["Slice"] == 0 and optimized["Split"] == 2
 
 
 @pytest.mark.parametrize("bits,group", [(8, None), (4, 64), (4, None)])

@@ -9,8 +9,7 @@ import torch
 import mq_export
 from mq_export.models.falcon_h1 import FalconH1LM
 from tests.test_hybrid_nemotron_h import (CHUNK, VOCAB, assert_api_export_matches, assert_cli_export_matches,
-                                          assert_load_refused, assert_quantizing_and_decoding_refused, relative_error,
-                                          save_random)
+                                          assert_load_refused, relative_error, save_random)
 
 transformers = pytest.importorskip("transformers", reason="transformers (dev extra) is not installed")
 
@@ -85,10 +84,6 @@ def test_cli_export_runs_in_onnxruntime_like_transformers(saved, tmp_path):
 def test_python_api_export_runs_in_onnxruntime_like_transformers(saved, tmp_path):
     directory, reference = saved
     assert_api_export_matches(directory, tmp_path / "model.onnx", reference, MAMBA_LAYERS)
-
-
-def test_quantization_and_decoding_are_refused_in_one_line(saved, tmp_path):
-    assert_quantizing_and_decoding_refused(mq_export.load(saved[0]), "falcon-h1", tmp_path)
 
 
 @pytest.mark.parametrize("settings, named", [

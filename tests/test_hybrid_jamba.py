@@ -15,8 +15,7 @@ import mq_export
 from mq_export.commands.cli import main
 from mq_export.models.attention import MLP
 from mq_export.models.jamba import JambaLM, JambaMambaMixer, SparseMoE
-from tests.test_hybrid_nemotron_h import (VOCAB, assert_load_refused, assert_ort_matches,
-                                          assert_quantizing_and_decoding_refused, relative_error, save_random)
+from tests.test_hybrid_nemotron_h import VOCAB, assert_load_refused, assert_ort_matches, relative_error, save_random
 
 transformers = pytest.importorskip("transformers", reason="transformers (dev extra) is not installed")
 
@@ -98,10 +97,6 @@ def test_python_api_export_runs_in_onnxruntime_like_transformers(saved, tmp_path
     path = tmp_path / "model.onnx"
     assert mq_export.export_onnx(mq_export.load(directory), path)["scan_nodes"] == MAMBA_LAYERS
     assert_ort_matches(path, reference, batch=1, length=17, scan="function_body")
-
-
-def test_quantization_and_decoding_are_refused_in_one_line(saved, tmp_path):
-    assert_quantizing_and_decoding_refused(mq_export.load(saved[0]), "jamba", tmp_path)
 
 
 @pytest.mark.parametrize("settings, named", [

@@ -51,7 +51,7 @@ def test_state_shapes_and_names():
     assert len(state) == 2
     assert [tuple(t.shape) for t in state[0]] == [(2, m.conv_dim, m.d_conv - 1), (2, 4, 6, 5)]
     assert all(t.dtype == torch.float32 for layer in state for t in layer)
-    assert family_of(model).state_kinds == ("conv", "ssm")
+    assert family_of(model).state_layout(model) == ((0, ("conv_state", "ssm_state")), (1, ("conv_state", "ssm_state")))
     assert model_state_names(model, "past")[:2] == ["past_conv_state.0", "past_ssm_state.0"]
 
 

@@ -1,19 +1,27 @@
-"""Train the bundled character-level Mamba LMs (`shakespeare-charlm`, `shakespeare-mamba2`) on tinyshakespeare.
+"""Train the bundled character-level LMs (`shakespeare-charlm`, `shakespeare-mamba2`,
+`shakespeare-hybrid`) on tinyshakespeare.
 
     nice -n 10 python tools/train_charlm.py --data ../shared/data/tinyshakespeare/input.txt \
         --out mq_export/assets/shakespeare-charlm
     nice -n 10 python tools/train_charlm.py --arch mamba2 --data ../shared/data/tinyshakespeare/input.txt \
         --out mq_export/assets/shakespeare-mamba2 --batch 16 --threads 1 --time-limit 1080
+    nice -n 10 python tools/train_charlm.py --arch nemotron-h --data ../shared/data/tinyshakespeare/input.txt \
+        --out mq_export/assets/shakespeare-hybrid --batch 16 --threads 1 --time-limit 1500
 
 The model is this package's `MambaLMHeadModel` (`--arch mamba1`) or `Mamba2LM` (`--arch mamba2`), in
-mamba-ssm's layout: embedding, pre-norm RMSNorm residual blocks, final norm, tied head. Both scans
-pick a differentiable form whenever autograd needs them (Mamba-1: the fused kernel with its C
-backward, or `selective_scan_differentiable`; Mamba-2: `ssd_scan`'s chunked form).
+mamba-ssm's layout: embedding, pre-norm RMSNorm residual blocks, final norm, tied head; or a
+Nemotron-H hybrid (`--arch nemotron-h`): Mamba-2, attention and MLP layers in `--pattern`, untied
+head, built from the transformers config.json it is saved with through the loader's own
+`mq_export.load.checkpoints.model_config`, and saved as config.json + model.safetensors in transformers' names, so that
+both `mq_export.load` and transformers' `NemotronHForCausalLM.from_pretrained` read the directory.
+Both scans pick a differentiable form whenever autograd needs them (Mamba-1: the fused kernel with
+its C backward, or `selective_scan_differentiable`; Mamba-2: `ssd_scan`'s chunked form).
 Training uses the 90 % training split; the 5 % validation
 split picks nothing but is reported; the 5 % test split is scored once at the end and shipped with
 the checkpoint, together with a calibration slice of the training text. The learning rate follows
 a cosine schedule over `max(step / steps, elapsed / time_limit)`, so a run stopped by the time
-limit has still annealed.
+limit has still annealed. The tokenizer, test split and calibration slice are written with the
+Mamba-1 model (`shakespeare-charlm`); the other two share them.
 """
 from __future__ import annotations
 
@@ -24,24 +32,37 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from mq_export.load.charlm import (CharTokenizer, WINDOW, calibration_text, lm_metrics, ngram_baselines,
-                              split_text, windows)
+                                   split_text, windows)
 from mq_export.evaluate import batched_logits
-from mq_export.load.checkpoints import save_mamba_ssm
+from mq_export.load.checkpoints import model_config, save_mamba_ssm
+from mq_export.models.attention import Attention
+from mq_export.models.hybrid import HybridLM
 from mq_export.models.mamba import LMConfig, MambaLMHeadModel, MambaMixer, MixerConfig
-from mq_export.models.mamba2 import Mamba2LM, Mamba2LMConfig, Mamba2MixerConfig
+from mq_export.models.mamba2 import Mamba2LM, Mamba2LMConfig, Mamba2Mixer, Mamba2MixerConfig
+
+# Nemotron-H's hybrid_override_pattern characters → transformers' layers_block_type names.
+NEMOTRON_H_LAYER_TYPES = {"M": "linear_attention", "*": "full_attention", "-": "mlp"}
 
 
-def init_like_mamba_ssm(model: MambaLMHeadModel, dt_min: float = 1e-3, dt_max: float = 0.1) -> None:
+def init_like_mamba_ssm(model: MambaLMHeadModel | HybridLM, dt_min: float = 1e-3, dt_max: float = 0.1) -> None:
     """mamba-ssm's initialisation: Δ in [dt_min, dt_max] log-uniform through the Δ bias (Mamba-1:
     dt_proj's bias, one per channel; Mamba-2: dt_bias, one per head, and A = −uniform(1, 16) per
-    head), embedding N(0, 0.02), out_proj scaled by 1/sqrt(n_layer) for the residual stream."""
-    nn.init.normal_(model.backbone.embedding.weight, std=0.02)
-    for block in model.backbone.layers:
+    head), embedding N(0, 0.02), each layer's projection into the residual stream (out_proj; a
+    hybrid's attention o_proj and MLP down_proj) scaled by 1/sqrt(layers)."""
+    backbone = model.backbone
+    embedding = backbone.input_embedding if isinstance(model, HybridLM) else backbone.embedding
+    nn.init.normal_(embedding.weight, std=0.02)
+    scale = math.sqrt(len(backbone.layers))
+    for block in backbone.layers:
         mixer = block.mixer
         with torch.no_grad():
+            if not isinstance(mixer, (MambaMixer, Mamba2Mixer)):
+                (mixer.o_proj if isinstance(mixer, Attention) else mixer.down_proj).weight /= scale
+                continue
             if isinstance(mixer, MambaMixer):
                 rank = mixer.cfg.rank
                 nn.init.uniform_(mixer.dt_proj.weight, -rank ** -0.5, rank ** -0.5)
@@ -52,10 +73,37 @@ def init_like_mamba_ssm(model: MambaLMHeadModel, dt_min: float = 1e-3, dt_max: f
             dt = torch.exp(torch.rand(dt_bias.shape) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
             dt = dt.clamp(min=1e-4)
             dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))      # inverse softplus
-            mixer.out_proj.weight /= math.sqrt(model.cfg.n_layer)
+            mixer.out_proj.weight /= scale
 
 
-def build_model(args: argparse.Namespace, vocab_size: int) -> MambaLMHeadModel:
+def nemotron_h_config(args: argparse.Namespace, vocab_size: int) -> dict:
+    """The hybrid's config.json: every setting of transformers' NemotronHConfig that shapes the
+    model, written out (Mamba-2 layers of expand 2 × d_model channels in heads of `--headdim`,
+    grouped-query attention over whole d_model, relu² MLPs), no special tokens (a character
+    vocabulary has none)."""
+    return {
+        "architectures": ["NemotronHForCausalLM"], "model_type": "nemotron_h", "dtype": "float32",
+        "vocab_size": vocab_size, "hidden_size": args.d_model,
+        "layers_block_type": [NEMOTRON_H_LAYER_TYPES[c] for c in args.pattern],
+        "mamba_num_heads": 2 * args.d_model // args.headdim, "mamba_head_dim": args.headdim,
+        "n_groups": args.ngroups, "ssm_state_size": args.d_state, "conv_kernel": 4, "expand": 2,
+        "use_conv_bias": True, "use_bias": False, "mamba_hidden_act": "silu", "chunk_size": 64,
+        "time_step_min": 1e-3, "time_step_max": 0.1, "time_step_floor": 1e-4,
+        "num_attention_heads": args.attention_heads, "num_key_value_heads": args.kv_heads,
+        "head_dim": args.d_model // args.attention_heads, "attention_bias": False, "attention_dropout": 0.0,
+        "sliding_window": None, "max_position_embeddings": WINDOW,
+        "intermediate_size": args.mlp_width, "mlp_hidden_act": "relu2", "mlp_bias": False,
+        "layer_norm_epsilon": 1e-5, "residual_in_fp32": False, "hidden_dropout": 0.0,
+        "tie_word_embeddings": False, "num_nextn_predict_layers": 0, "initializer_range": 0.02,
+        "pad_token_id": None, "bos_token_id": None, "eos_token_id": None, "use_cache": True,
+    }
+
+
+def build_model(args: argparse.Namespace, vocab_size: int) -> MambaLMHeadModel | HybridLM:
+    if args.arch == "nemotron-h":
+        # Built as the loader builds it from the config.json it is saved with.
+        family, cfg, _ = model_config(nemotron_h_config(args, vocab_size), Path("nemotron-h"))
+        return family.build(cfg)
     if args.arch == "mamba1":
         return MambaLMHeadModel(LMConfig(mixer=MixerConfig(d_model=args.d_model, d_state=args.d_state),
                                          n_layer=args.n_layer, vocab_size=vocab_size))
@@ -65,7 +113,7 @@ def build_model(args: argparse.Namespace, vocab_size: int) -> MambaLMHeadModel:
 
 
 @torch.no_grad()
-def perplexity(model: MambaLMHeadModel, ids: Tensor, limit: int | None = None) -> float:
+def perplexity(model: nn.Module, ids: Tensor, limit: int | None = None) -> float:
     inputs, labels = windows(ids)
     if limit is not None:
         inputs, labels = inputs[:limit], labels[:limit]
@@ -76,12 +124,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, required=True, help="tinyshakespeare input.txt")
     p.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
-    p.add_argument("--arch", choices=("mamba1", "mamba2"), default="mamba1")
+    p.add_argument("--arch", choices=("mamba1", "mamba2", "nemotron-h"), default="mamba1")
     p.add_argument("--d-model", type=int, default=128)
-    p.add_argument("--n-layer", type=int, default=4)
-    p.add_argument("--d-state", type=int, default=None, help="default 16 (mamba1), 64 (mamba2)")
-    p.add_argument("--headdim", type=int, default=32, help="mamba2 only")
-    p.add_argument("--ngroups", type=int, default=1, help="mamba2 only")
+    p.add_argument("--n-layer", type=int, default=4, help="mamba1/mamba2 only")
+    p.add_argument("--d-state", type=int, default=None, help="default 16 (mamba1), 64 (mamba2, nemotron-h)")
+    p.add_argument("--headdim", type=int, default=32, help="Mamba-2 layers only")
+    p.add_argument("--ngroups", type=int, default=1, help="Mamba-2 layers only")
+    p.add_argument("--pattern", default="M-M*M-M-",
+                   help="nemotron-h only: one character per layer, M Mamba-2, * attention, - MLP")
+    p.add_argument("--attention-heads", type=int, default=4, help="nemotron-h only")
+    p.add_argument("--kv-heads", type=int, default=2, help="nemotron-h only")
+    p.add_argument("--mlp-width", type=int, default=256, help="nemotron-h only")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=3000)
@@ -95,6 +148,8 @@ def main() -> None:
     args = p.parse_args()
     if args.d_state is None:
         args.d_state = 16 if args.arch == "mamba1" else 64
+    if not args.pattern or set(args.pattern) - set(NEMOTRON_H_LAYER_TYPES):
+        p.error(f"--pattern {args.pattern!r}: expected a string of {', '.join(NEMOTRON_H_LAYER_TYPES)}")
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
@@ -161,10 +216,16 @@ def main() -> None:
         "history": history,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    save_mamba_ssm(model, args.out)
-    tok.save(args.out / "vocab.json")
-    (args.out / "test.txt").write_text(parts["test"], encoding="utf-8")
-    (args.out / "calibration.txt").write_text(calibration_text(parts["train"]), encoding="utf-8")
+    if args.arch == "nemotron-h":
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(args.out / "model.safetensors"),
+                  metadata={"format": "pt"})
+        (args.out / "config.json").write_text(json.dumps(nemotron_h_config(args, len(tok)), indent=2) + "\n")
+    else:
+        save_mamba_ssm(model, args.out)
+    if args.arch == "mamba1":
+        tok.save(args.out / "vocab.json")
+        (args.out / "test.txt").write_text(parts["test"], encoding="utf-8")
+        (args.out / "calibration.txt").write_text(calibration_text(parts["train"]), encoding="utf-8")
     (args.out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))
 

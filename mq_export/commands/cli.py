@@ -185,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--json", action="store_true", help="print report.json to stdout (no progress bars)")
     export.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     export.add_argument("--decode", action="store_true", help="language models: also write the stateful "
-                        "DIR/prefill.onnx and DIR/decode_step.onnx (past/present conv and SSM states per layer)")
+                        "DIR/prefill.onnx and DIR/decode_step.onnx (past/present conv and SSM states per Mamba "
+                        "layer, key/value caches per attention layer)")
     export.add_argument("--image-size", type=POSITIVE_INT, default=None, metavar="PIXELS",
                         help="Vision Mamba: the (square) image size, where its pos_embed does not say it "
                              "(overlapping patches)")
@@ -244,8 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     engine.set_defaults(func=_build_engine)
 
     gen = sub.add_parser("generate", help="generate text with a language model (shakespeare-charlm, "
-                         "shakespeare-mamba2, or an LM directory with vocab.json), decoding step by step in PyTorch "
-                         "or ONNX Runtime")
+                         "shakespeare-mamba2, shakespeare-hybrid, or an LM directory with vocab.json), decoding "
+                         "step by step in PyTorch or ONNX Runtime")
     gen.add_argument("--model", default="shakespeare-charlm", help="bundled LM, or an LM directory with vocab.json")
     gen.add_argument("--prompt", default="ROMEO:")
     gen.add_argument("--tokens", type=POSITIVE_INT, default=200, help="characters to generate (default 200)")

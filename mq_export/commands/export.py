@@ -45,7 +45,7 @@ def run_export(checkpoint: str | Path, out: str | Path, quant: QuantConfig | Non
     if decode and not is_lm:
         raise MQExportError(f"--decode exports a language model's step graph; {checkpoint} is a classifier")
     if decode:
-        family_of(model).state_layers(model)   # a family without decode state refuses here, before any work
+        family_of(model).state_layout(model)   # a family without decode state refuses here, before any work
     with staged_output_dir(out, force, inputs=(checkpoint, calib)) as staging:
         if is_lm:
             g = torch.Generator().manual_seed(0)

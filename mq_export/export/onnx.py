@@ -7,7 +7,8 @@ How the graph is made:
   submodules are translated (`_translated`: their `forward`, on these instances only): each
   `SelectiveScanOp` emits ONE `SelectiveScan` node of the project domain, each `SSDScanOp` ONE
   `SSDScan` node (op contracts: `ops/spec.py`); each nn.Linear emits a weight marker so its
-  weight becomes a [in, out] MatMul operand; each `ActivationSite` whose quantizer is a
+  weight becomes a [in, out] MatMul operand (a Linear with a `scale_output` method: the marker,
+  then that); each `ActivationSite` whose quantizer is a
   `qspec.FakeQuantize` emits a site marker. Nothing else about the model changes, so
   rotations/smoothing the quantize stage folded into weights are simply the exported
   initializers, and online ops (`out_proj_input_rotation`, `gate_scale`) are ordinary
@@ -17,6 +18,10 @@ How the graph is made:
   float [in, out] initializer or, when the Linear carries `weight_quant`, an integer initializer
   (INT8, or INT4 at opset ≥ 21) with one DequantizeLinear (per-channel on axis 1, or blocked along
   the input dimension with `block_size` = `WeightQuant.group_size`).
+* Layout copies the traced views would cost are rewritten away with the same values: a site
+  marker moves before the Transpose feeding it (per-tensor Q/DQ commutes with it), Transposes
+  that undo each other cancel, and a float Linear read channel-major becomes W·xᵀ, one MatMul per
+  feature range where a Split only cuts its output apart (`_projection_plan`).
 * Each scan op type gets a local function (FunctionProto) of the same domain/name that computes
   the scan with standard ops (`scan_function`; `ssd_function.ssd_function` for SSDScan), so any
   ONNX runtime can run the file; a registered kernel (ORT custom op, TensorRT plugin) takes
@@ -235,6 +240,14 @@ def _linear_marker(linear: nn.Linear):
     return forward
 
 
+def _scaled_linear_marker(linear: nn.Linear):
+    marker = _linear_marker(linear)
+
+    def forward(x: Tensor) -> Tensor:
+        return linear.scale_output(marker(x))
+    return forward
+
+
 def _site_marker(name: str):
     def forward(x: Tensor) -> Tensor:
         return torch.onnx.ops.symbolic(f"{MARK_DOMAIN}::Site", [x], {"site": name}, dtype=x.dtype,
@@ -258,6 +271,9 @@ def _translated(model: nn.Module, trace: _Trace) -> Iterator[None]:
             replacements.append((module, _ssd_scan_as_node(trace)))
         elif type(module).forward in (nn.Linear.forward, DeltaProjection.forward):
             replacements.append((module, _linear_marker(module)))
+        elif isinstance(module, nn.Linear) and hasattr(module, "scale_output"):
+            # Linear's forward, then a fixed scaling of its output (Falcon-H1's in_proj multipliers).
+            replacements.append((module, _scaled_linear_marker(module)))
         elif isinstance(module, nn.Linear) and getattr(module, "weight_quant", None) is not None:
             # A Linear subclass computes its own way: its forward is traced as written, without a marker.
             raise MQExportError(f"{name} ({type(module).__name__}) has its own forward, so its quantized "
@@ -445,6 +461,7 @@ def _rewrite_markers(proto: onnx.ModelProto, model: nn.Module, trace: _Trace, in
 
     graph = gs.import_onnx(proto)
     tensors = graph.tensors()
+    _sites_before_transposes(graph)
     for node in list(graph.nodes):
         if node.domain != MARK_DOMAIN:
             continue
@@ -468,9 +485,12 @@ def _rewrite_markers(proto: onnx.ModelProto, model: nn.Module, trace: _Trace, in
             src = node.inputs[0]
             param = src.name
             wq, weight = _weight_quant_for(model, param) if isinstance(src, gs.Constant) else (None, None)
+            plan = _projection_plan(graph, out, weight) if weight is not None and wq is None else None
             if weight is None:       # not a parameter: transpose at run time
                 graph.nodes.append(gs.Node("Transpose", f"{out.name}/Transpose", attrs={"perm": [1, 0]},
                                            inputs=[src], outputs=[out]))
+            elif plan is not None:
+                _write_projection(gs, graph, plan, src, weight, initializers)
             elif wq is None:
                 const = initializers.graph_surgeon_constant(gs, f"{param}.T", TensorProto.FLOAT, weight.shape[::-1],
                                                             lambda w=weight: w.numpy().T)
@@ -479,9 +499,134 @@ def _rewrite_markers(proto: onnx.ModelProto, model: nn.Module, trace: _Trace, in
                 graph.nodes.append(_weight_dq(gs, param, weight, wq, out, opset, info, initializers))
         node.outputs.clear()
         node.inputs.clear()
+    _cancel_transposes(graph)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     del tensors
     return gs.export_onnx(graph, do_type_check=False)
+
+
+# ------------------------------------------------------------------ layout: no copies the model did not ask for
+#
+# A mixer that works channel-major (b, channels, l) between its projections (Mamba-1's) applies
+# Linears and sites to channels-last views: x.transpose(1, 2) in, .transpose(1, 2) out. Traced
+# literally, that is a Transpose (a copy) around every one. These rewrites give the same values
+# with the layout copies gone: per-tensor Q/DQ commutes with a Transpose, two Transposes that undo
+# each other cancel, and (x·Wᵀ)ᵀ = W·xᵀ.
+
+def _swaps_last_axes(node) -> bool:
+    return node.op == "Transpose" and list(node.attrs.get("perm", ())) == [0, 2, 1]
+
+
+def _sole_use(tensor, graph):
+    """The one node reading `tensor`, or None (several readers, or a graph output)."""
+    uses = list(tensor.outputs)
+    return uses[0] if len(uses) == 1 and tensor not in graph.outputs else None
+
+
+def _sites_before_transposes(graph) -> None:
+    """Transpose → site marker becomes site marker → Transpose: the Transpose then meets the next
+    layout change (a MatMul's or another Transpose) and goes away, and ORT and TensorRT see
+    Q→DQ next to the op that reads it."""
+    for node in graph.nodes:
+        if node.domain != MARK_DOMAIN or node.op != "Site" or not node.inputs[0].inputs:
+            continue
+        transpose = node.inputs[0].inputs[0]
+        if transpose.op != "Transpose" or _sole_use(transpose.outputs[0], graph) is not node:
+            continue
+        site_out, moved = node.outputs[0], transpose.outputs[0]
+        node.inputs[0], node.outputs[0] = transpose.inputs[0], moved
+        transpose.inputs[0], transpose.outputs[0] = moved, site_out
+        moved.shape = None
+
+
+def _cancel_transposes(graph) -> None:
+    """Readers of Transpose(Transpose(x)) read x where the two permutations undo each other."""
+    for node in graph.nodes:
+        first = node.inputs[0].inputs[0] if node.op == "Transpose" and node.inputs and node.inputs[0].inputs else None
+        if first is None or first.op != "Transpose" or node.outputs[0] in graph.outputs:
+            continue
+        outer, inner = list(node.attrs["perm"]), list(first.attrs["perm"])
+        if [inner[i] for i in outer] == list(range(len(outer))):
+            _replace_uses(graph, node.outputs[0], first.inputs[0])
+
+
+@dataclass(frozen=True)
+class _ProjectionPlan:
+    """How to write the MatMul x·Wᵀ of a float Linear: W·xᵀ (weight on the left) when the product
+    is only read transposed to (b, out, l) (`channel_major`); one MatMul per row range of the
+    weight (`rows`) writing `outputs`, the outputs of the Split that was the product's only reader.
+    `replaced`: the MatMul, then the Transpose and Split whose outputs the new MatMuls write."""
+    replaced: tuple
+    channel_major: bool
+    rows: tuple[tuple[int, int], ...]
+    outputs: tuple
+
+
+def _projection_plan(graph, marker_out, weight: Tensor) -> _ProjectionPlan | None:
+    """The plan for the float Linear whose weight marker output is `marker_out`, or None where the
+    plain x @ Wᵀ is already the best form. A product read channel-major gets the weight on the
+    left: one MatMul writes the layout its reader wants. A product only read split along its
+    features into k pieces becomes k MatMuls over row ranges of the weight when reading the input
+    k times moves less data than copying the product, (k − 1)·in < out (Mamba-1's in_proj into x
+    and z; not x_proj into dt, B, C). Integer weights keep x @ DQ(Wᵀ): ORT fuses only that form
+    into integer GEMMs (MatMulIntegerToFloat takes a per-tensor scale only for its left operand,
+    and leaves a Q that two MatMuls read unfused), and TensorRT reads per-channel weights there."""
+    import onnx_graphsurgeon as gs
+
+    matmul = _sole_use(marker_out, graph)
+    if matmul is None or matmul.op != "MatMul" or matmul.inputs[1] is not marker_out:
+        return None
+    product = matmul.outputs[0]
+    result, channel_major, replaced = product, False, [matmul]
+    swap = _sole_use(product, graph)
+    if swap is not None and _swaps_last_axes(swap):
+        result, channel_major = swap.outputs[0], True
+        replaced.append(swap)
+    out_f, in_f = weight.shape
+    rows, outputs = ((0, out_f),), (result,)
+    split = _sole_use(result, graph)
+    rank = len(product.shape) if product.shape is not None else None
+    if split is not None and split.op == "Split" and rank is not None:
+        if len(split.inputs) > 1 and isinstance(split.inputs[1], gs.Constant):
+            sizes = [int(v) for v in split.inputs[1].values]
+        else:
+            count = int(split.attrs.get("num_outputs", len(split.outputs)))
+            sizes = [out_f // count] * count if out_f % count == 0 else []
+        if (split.attrs.get("axis", 0) % rank == (1 if channel_major else rank - 1) and sum(sizes) == out_f
+                and len(sizes) == len(split.outputs) and (len(sizes) - 1) * in_f < out_f):
+            starts = np.cumsum([0] + sizes[:-1])
+            rows = tuple((int(a), int(a) + n) for a, n in zip(starts, sizes))
+            outputs = tuple(split.outputs)
+            replaced.append(split)
+    if len(rows) == 1 and not channel_major:
+        return None
+    return _ProjectionPlan(tuple(replaced), channel_major, rows, outputs)
+
+
+def _write_projection(gs, graph, plan: _ProjectionPlan, param, weight: Tensor, initializers: _Initializers) -> None:
+    """The plan's MatMuls in place of its MatMul (and the Transpose and Split after it). `param`:
+    the weight's [out, in] constant."""
+    matmul = plan.replaced[0]
+    x, name, in_f = matmul.inputs[0], matmul.name, weight.shape[1]
+    whole = len(plan.rows) == 1
+    for node in plan.replaced:
+        node.outputs.clear()
+        node.inputs.clear()
+    if plan.channel_major:
+        x_t = gs.Variable(f"{name}/input_transposed", dtype=x.dtype)
+        graph.nodes.append(gs.Node("Transpose", f"{name}/Transpose_input", attrs={"perm": [0, 2, 1]},
+                                   inputs=[x], outputs=[x_t]))
+        x = x_t
+    for (a, b), y in zip(plan.rows, plan.outputs):
+        part = "" if whole else f"[{a}:{b}]"
+        if plan.channel_major:
+            w = param if whole else initializers.graph_surgeon_constant(
+                gs, f"{param.name}{part}", TensorProto.FLOAT, (b - a, in_f), lambda a=a, b=b: weight[a:b].numpy())
+            inputs = [w, x]
+        else:
+            inputs = [x, initializers.graph_surgeon_constant(gs, f"{param.name}{part}.T", TensorProto.FLOAT,
+                                                             (in_f, b - a), lambda a=a, b=b: weight[a:b].numpy().T)]
+        graph.nodes.append(gs.Node("MatMul", f"{name}{part}", inputs=inputs, outputs=[y]))
 
 
 def _replace_uses(graph, old, new) -> None:

@@ -14,6 +14,7 @@ from .checkpoints import ASSETS, BUNDLED_CLASSIFIER, load_classifier, load_lm, l
 from .mnist_vim import mnist_vim_splits
 
 MAMBA2_CHARLM_DIR = ASSETS / "shakespeare-mamba2"
+HYBRID_CHARLM_DIR = ASSETS / "shakespeare-hybrid"
 MNIST_VIM = ASSETS / "mnist-vim" / "vim_mnist.pth"
 
 
@@ -53,6 +54,11 @@ BUNDLED: dict[str, BundledModel] = {
         "shakespeare-mamba2", MAMBA2_CHARLM_DIR,
         "character-level LM on tinyshakespeare, 4 Mamba-2 layers (d_model 128, 8 heads × 32, d_state 64), "
         "mamba-ssm Mamba2 layout; shakespeare-charlm's tokenizer, calibration slice and test split"),
+    "shakespeare-hybrid": _char_lm(
+        "shakespeare-hybrid", HYBRID_CHARLM_DIR,
+        "character-level LM on tinyshakespeare, Nemotron-H hybrid of 8 layers M-M*M-M- (d_model 128; Mamba-2 "
+        "8 heads × 32, d_state 64; attention 4 heads, 2 kv heads; relu² MLPs of 256), transformers' "
+        "NemotronHForCausalLM layout; shakespeare-charlm's tokenizer, calibration slice and test split"),
     "mnist-vim": BundledModel(
         name="mnist-vim",
         description="Vision Mamba on 28×28 MNIST images (patch 4, middle class token, 6 bimamba-v2 layers, "

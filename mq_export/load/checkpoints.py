@@ -217,6 +217,16 @@ def mamba_ssm_to_hf_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return _renamed(state, {ours: hf for hf, ours in MAMBA_LM.hf_renames.items()})
 
 
+def model_config(config: dict, directory: Path) -> tuple[ModelFamily, object, bool]:
+    """(family, model config, whether in HF's layout) for a checkpoint directory's parsed
+    config.json `config`: what `load_lm` builds the model from (a training script that writes a
+    config.json builds its model through this too)."""
+    family, is_hf = family_for_config(config, directory)
+    read = _ConfigReader(config, directory / "config.json")
+    cfg = family.config_from_hf(read, directory) if is_hf else family.config_from_mamba_ssm(read, directory)
+    return family, cfg, is_hf
+
+
 def load_lm(directory: str | Path) -> MambaLMHeadModel:
     """A mamba-ssm (`MambaLMHeadModel.save_pretrained`) or HF transformers (`MambaForCausalLM`,
     `FalconMambaForCausalLM`, …: any family registered for its `model_type`) directory."""
@@ -224,10 +234,7 @@ def load_lm(directory: str | Path) -> MambaLMHeadModel:
     if not directory.is_dir():
         raise MQExportError(f"{directory} is not a directory; a language model is loaded from a directory "
                             f"with config.json and its weights")
-    raw = _read_config(directory)
-    family, is_hf = family_for_config(raw, directory)
-    read = _ConfigReader(raw, directory / "config.json")
-    cfg = family.config_from_hf(read, directory) if is_hf else family.config_from_mamba_ssm(read, directory)
+    family, cfg, is_hf = model_config(_read_config(directory), directory)
     weights = _weights_file(directory)
     if weights.name in SHARD_INDEX.values():
         return load_sharded(family, cfg, weights, hf_names=is_hf)

@@ -18,8 +18,8 @@ from torch import Tensor, nn
 
 from ..errors import MQExportError
 from .attention import Attention, AttentionConfig, MLP as MLPBlock, MLPConfig
-from .hybrid import (ATTENTION, MAMBA, HybridLM, HybridLMConfig, HybridLMFamily, HybridStack, kv_heads, mamba_heads,
-                     require_value)
+from .hybrid import (ATTENTION, MAMBA, MIXER_STATE, HybridLM, HybridLMConfig, HybridLMFamily, HybridStack,
+                     hybrid_topology, kv_heads, mamba_heads, mix, require_value)
 from .mamba import RMSNorm
 from .mamba2 import Mamba2MixerConfig, dt_limit_from_config
 
@@ -35,11 +35,14 @@ class BambaDecoderLayer(nn.Module):
             self.self_attn = Attention(cfg.attention)
         self.pre_ff_layernorm = RMSNorm(cfg.d_model, cfg.norm_epsilon)
         self.feed_forward = MLPBlock(cfg.mlp)
+        self.state_kinds = MIXER_STATE[kind]
 
-    def forward(self, hidden: Tensor) -> Tensor:
-        mixer = self.mamba if self.kind == MAMBA else self.self_attn
-        hidden = hidden + mixer(self.input_layernorm(hidden))
-        return hidden + self.feed_forward(self.pre_ff_layernorm(hidden))
+    def forward(self, hidden: Tensor, state: tuple[Tensor, ...] | None = None):
+        """hidden → hidden; with the mixer's decode `state` → (hidden, new state)."""
+        mixed, state = mix(self.mamba if self.kind == MAMBA else self.self_attn, self.input_layernorm(hidden), state)
+        hidden = hidden + mixed
+        hidden = hidden + self.feed_forward(self.pre_ff_layernorm(hidden))
+        return hidden if state is None else (hidden, state)
 
 
 class BambaLM(HybridLM):
@@ -54,6 +57,9 @@ class BambaFamily(HybridLMFamily):
     name = "bamba"
     model_class = BambaLM
     hf_model_types = ("bamba",)
+
+    def topology(self, model):
+        return hybrid_topology(model, decoder_steps(model))
 
     def config_from_hf(self, read, source) -> HybridLMConfig:
         """HF transformers' BambaConfig. Settings without effect on an FP32 forward are not read:
@@ -81,6 +87,15 @@ class BambaFamily(HybridLMFamily):
         return HybridLMConfig(vocab_size=read.integer("vocab_size"), layer_kinds=kinds, mamba=mamba,
                               attention=attention, mlp=mlp, norm_epsilon=eps,
                               tie_embeddings=read.boolean("tie_word_embeddings", False))
+
+
+def decoder_steps(model: HybridLM):
+    """The residual steps of Bamba's decoder layers (Jamba's too): input_layernorm read by the
+    Mamba mixer or attention, pre_ff_layernorm by the feed-forward (an MLP or a MoE)."""
+    for i, layer in enumerate(model.model.layers):
+        name = f"model.layers.{i}"
+        yield f"{name}.input_layernorm", (f"{name}.{'mamba' if layer.kind == MAMBA else 'self_attn'}",)
+        yield f"{name}.pre_ff_layernorm", (f"{name}.feed_forward",)
 
 
 def _attention_layers(read, n_layers: int, source) -> set[int]:

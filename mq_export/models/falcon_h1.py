@@ -30,8 +30,8 @@ from torch import Tensor, nn
 from ..errors import MQExportError
 from .attention import Attention, AttentionConfig, MLP as MLPBlock, MLPConfig
 from .bamba import attention_head_dim, rope_parameters
-from .hybrid import (MAMBA, HybridLM, HybridLMConfig, HybridLMFamily, HybridStack, kv_heads, mamba_heads,
-                     require_value)
+from .hybrid import (ATTENTION, MAMBA, MIXER_STATE, HybridLM, HybridLMConfig, HybridLMFamily, HybridStack, kv_heads,
+                     hybrid_topology, mamba_heads, mix, require_value)
 from .mamba import RMSNorm
 from .mamba2 import Mamba2Mixer, dt_limit_from_config
 from .nemotron_h import NemotronHMixerConfig
@@ -40,14 +40,18 @@ from .nemotron_h import NemotronHMixerConfig
 class SectionScaledLinear(nn.Linear):
     """nn.Linear whose output is multiplied section by section (consecutive widths `sections`, one
     multiplier each). The multipliers are kept as numbers, not a buffer: a model built on the meta
-    device (sharded loading) gets only its weights filled in."""
+    device (sharded loading) gets only its weights filled in. `scale_output` is the part after
+    Linear's own forward, so the exporter can put its weight (quantized or not) in front of it."""
 
     def __init__(self, d_in: int, sections: tuple[int, ...], multipliers: tuple[float, ...], bias: bool) -> None:
         super().__init__(d_in, sum(sections), bias=bias)
         self.sections, self.multipliers = sections, multipliers
 
     def forward(self, x: Tensor) -> Tensor:
-        parts = super().forward(x).split(self.sections, dim=-1)
+        return self.scale_output(super().forward(x))
+
+    def scale_output(self, y: Tensor) -> Tensor:
+        parts = y.split(self.sections, dim=-1)
         return torch.cat([part * m for part, m in zip(parts, self.multipliers)], dim=-1)
 
 
@@ -91,13 +95,20 @@ class FalconH1DecoderLayer(nn.Module):
         self.self_attn = Attention(cfg.attention)
         self.pre_ff_layernorm = RMSNorm(cfg.d_model, cfg.norm_epsilon)
         self.feed_forward = MLPBlock(cfg.mlp)
+        self.state_kinds = MIXER_STATE[MAMBA] + MIXER_STATE[ATTENTION]
 
-    def forward(self, hidden: Tensor) -> Tensor:
+    def forward(self, hidden: Tensor, state: tuple[Tensor, ...] | None = None):
+        """hidden → hidden; with the decode `state` (the Mamba mixer's conv and SSM states, then
+        the attention's key and value caches) → (hidden, new state)."""
         m = self.multipliers
         x = self.input_layernorm(hidden)
-        hidden = (hidden + self.mamba(x * m.ssm_in) * m.ssm_out
-                  + self.self_attn(x * m.attention_in) * m.attention_out)
-        return hidden + self.feed_forward(self.pre_ff_layernorm(hidden)) * m.mlp_down
+        split = len(MIXER_STATE[MAMBA])
+        mamba_out, mamba_state = mix(self.mamba, x * m.ssm_in, None if state is None else state[:split])
+        attention_out, attention_state = mix(self.self_attn, x * m.attention_in,
+                                             None if state is None else state[split:])
+        hidden = hidden + mamba_out * m.ssm_out + attention_out * m.attention_out
+        hidden = hidden + self.feed_forward(self.pre_ff_layernorm(hidden)) * m.mlp_down
+        return hidden if state is None else (hidden, mamba_state + attention_state)
 
 
 class FalconH1LM(HybridLM):
@@ -112,6 +123,16 @@ class FalconH1Family(HybridLMFamily):
     name = "falcon-h1"
     model_class = FalconH1LM
     hf_model_types = ("falcon_h1",)
+
+    def topology(self, model):
+        """input_layernorm read by the Mamba mixer and attention side by side (each through its own
+        scalar multiplier), pre_ff_layernorm by the MLP."""
+        def steps():
+            for i in range(len(model.model.layers)):
+                name = f"model.layers.{i}"
+                yield f"{name}.input_layernorm", (f"{name}.mamba", f"{name}.self_attn")
+                yield f"{name}.pre_ff_layernorm", (f"{name}.feed_forward",)
+        return hybrid_topology(model, steps())
 
     def config_from_hf(self, read, source) -> FalconH1Config:
         """HF transformers' FalconH1Config. Settings without effect on an FP32 forward are not read:

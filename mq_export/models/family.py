@@ -15,6 +15,16 @@ from .topology import Stream
 CLASSIFICATION, LANGUAGE_MODEL = "classification", "language-model"
 CUSTOM = "custom"   # a user's own module with converted mixers: its data and metrics are the user's
 
+# Decode state, per state-carrying layer: a Mamba layer's conv and SSM states (FP32), an attention
+# layer's key and value cache (FP32, batch × kv_heads × past_length × head_dim); a layer running
+# both (Falcon-H1) carries MAMBA_STATE + KV_CACHE. A kind names the layer's ONNX inputs and outputs:
+# past_{kind}.{i} / present_{kind}.{i}, i the layer's index in the model.
+MAMBA_STATE = ("conv_state", "ssm_state")
+KV_CACHE = ("key", "value")
+# (layer index, its kinds) per state-carrying layer, in layer order: the order of the state
+# tensors in a model's state list and of the ONNX feeds (layer by layer, each layer's kinds in order).
+StateLayout = tuple[tuple[int, tuple[str, ...]], ...]
+
 
 class ModelFamily:
     name: str
@@ -24,8 +34,6 @@ class ModelFamily:
     output_names: tuple[str, ...] = ("logits",)
     dynamic_axes: dict[str, dict[int, str]]     # ONNX name → {axis: dimension name}
     hf_model_types: tuple[str, ...] = ()        # config.json "model_type" values it loads
-    # Stateful decoding: the per-layer state tensors' kinds, in feed order; () when it has none.
-    state_kinds: tuple[str, ...] = ()
     # Why this family cannot be quantized yet (one line for the user); None when it can.
     quantization_unsupported: str | None = None
 
@@ -40,9 +48,11 @@ class ModelFamily:
     def topology(self, model: nn.Module) -> list[Stream]:
         raise MQExportError(f"{self.name} models have no transform topology")
 
-    def state_layers(self, model: nn.Module) -> int:
-        """How many layers carry decode state (`state_kinds` each)."""
-        raise MQExportError(f"{self.name} models have no decode state")
+    def state_layout(self, model: nn.Module) -> StateLayout:
+        """Which layers of `model` carry decode state and which tensors each carries (see
+        StateLayout); an error for a family without decode state."""
+        raise MQExportError(f"decoding needs a language model with a decode state, not a {self.name} model "
+                            f"({type(model).__name__})")
 
     # Loading from a config.json directory. `read` is the loader's typed reader of config.json
     # (integer / boolean / positive_float / integer_or_auto / section, .values: the raw dict);

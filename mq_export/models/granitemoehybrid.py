@@ -9,10 +9,11 @@ in the MoE variant) and μP-style multipliers:
     logits = lm_head(norm(hidden)) / logits_scaling
 
 Attention scores are scaled by attention_multiplier (not head_dim^-½), with RoPE over whole heads
-when position_embedding_type is "rope", else no positional encoding. Parameter names are
+when position_embedding_type is "rope", else no positional encoding. State-dict names are
 transformers' (model.embed_tokens, model.layers.{i}.mamba.* / .self_attn.*, .shared_mlp.input_linear /
 .output_linear, .block_sparse_moe.router.layer / .input_linear / .output_linear, model.norm,
-lm_head): the names save_pretrained writes, so its files load with no renaming.
+lm_head): the names save_pretrained writes, so its files load with no renaming (a MoE's stacked
+input_linear / output_linear weights are its experts' Linears, split and stacked by GraniteMoE).
 """
 from __future__ import annotations
 
@@ -24,9 +25,11 @@ from torch import Tensor, nn
 from ..errors import MQExportError
 from .attention import Attention, AttentionConfig, FusedGatedMLP, MLPConfig
 from .bamba import attention_head_dim, mamba_mixer_config, rope_parameters
-from .hybrid import (ATTENTION, MAMBA, HybridLM, HybridLMConfig, HybridLMFamily, HybridStack, kv_heads, layer_kinds,
-                     require_value)
+from .hybrid import (ATTENTION, MAMBA, MIXER_STATE, HybridLM, HybridLMConfig, HybridLMFamily, HybridStack, kv_heads,
+                     hybrid_topology, layer_kinds, mix, require_value)
 from .mamba import RMSNorm
+from .moe import mix_experts
+from .topology import BlockTopology, FloatingPointLinear
 
 # layer_types by their config.json spellings (transformers 5's and their legacy names).
 _LAYER_KINDS = {"linear_attention": MAMBA, "mamba": MAMBA, "full_attention": ATTENTION, "attention": ATTENTION}
@@ -39,46 +42,62 @@ class GraniteMoeHybridConfig(HybridLMConfig):
     expert_hidden: int = 0          # intermediate_size: each expert's gated width
 
 
-class ParallelExperts(nn.Module):
-    """One bias-free linear per expert, stacked: weight (experts, out_features, in_features), the
-    layout of Granite's files."""
-
-    def __init__(self, experts: int, in_features: int, out_features: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(experts, out_features, in_features))
-
-
 class TopKRouter(nn.Module):
-    """The router's linear, under the name Granite's files give it (router.layer)."""
+    """The router's linear, under the name Granite's files give it (router.layer); never quantized."""
 
     def __init__(self, d_model: int, experts: int) -> None:
         super().__init__()
-        self.layer = nn.Linear(d_model, experts, bias=False)
+        self.layer = FloatingPointLinear(d_model, experts, bias=False)
+
+
+# The experts' Linears whose weights Granite's files stack, one (out_features, in_features) slice
+# per expert: input_linear.weight (experts, 2 · hidden, d_model), output_linear.weight (experts,
+# d_model, hidden).
+_STACKED_LINEARS = ("input_linear", "output_linear")
 
 
 class GraniteMoE(nn.Module):
     """Granite's mixture of experts: the router's top `top_k` logits, softmaxed among themselves,
-    weight their experts' SwiGLU outputs (input_linear's rows: gate then up)."""
+    weight their experts' SwiGLU outputs. Each expert is a FusedGatedMLP (experts.{e}.input_linear,
+    rows gate then up, and .output_linear), so that it is quantized as its own MLP; the state dict
+    keeps the stacked layout of Granite's files (state_dict() stacks the experts' weights, loading
+    splits them), so those files load, one or sharded, with no renaming."""
 
     def __init__(self, cfg: GraniteMoeHybridConfig) -> None:
         super().__init__()
-        self.experts, self.top_k, self.expert_hidden = cfg.experts, cfg.experts_per_token, cfg.expert_hidden
+        self.top_k = cfg.experts_per_token
         self.router = TopKRouter(cfg.d_model, cfg.experts)
-        self.input_linear = ParallelExperts(cfg.experts, cfg.d_model, 2 * cfg.expert_hidden)
-        self.output_linear = ParallelExperts(cfg.experts, cfg.expert_hidden, cfg.d_model)
+        expert = MLPConfig(d_model=cfg.d_model, hidden=cfg.expert_hidden, activation="silu", gated=True)
+        self.experts = nn.ModuleList(FusedGatedMLP(expert, width="intermediate_size")
+                                     for _ in range(cfg.experts))
+        self.register_state_dict_post_hook(_stack_expert_weights)
+        self.register_load_state_dict_pre_hook(_split_expert_weights)
+
+    def topology(self, name: str) -> BlockTopology:
+        """Each expert quantized as its own MLP (its own weight scales and sites); the router floating point."""
+        return BlockTopology.experts(f"{name}.router.layer", (expert.topology(f"{name}.experts.{e}")
+                                                              for e, expert in enumerate(self.experts)))
 
     def forward(self, x: Tensor) -> Tensor:
-        """Every expert runs on every token, weighted 0 where the router did not pick it (as
-        jamba.SparseMoE, for fixed-shape ops that export with dynamic batch and length). The weights
-        scale each expert's down-projection input, the same sum by linearity, so both projections
-        are one matmul over all experts."""
-        logits = self.router.layer(x)
-        top, picked = logits.topk(self.top_k, dim=-1)
-        weights = torch.zeros_like(logits).scatter(-1, picked, top.softmax(dim=-1))    # (b, l, experts)
-        gate_up = x @ self.input_linear.weight.flatten(0, 1).T                          # (b, l, experts · 2 · hidden)
-        gate, up = gate_up.unflatten(-1, (self.experts, 2, self.expert_hidden)).unbind(-2)
-        hidden = nn.functional.silu(gate) * up * weights[..., None]                     # (b, l, experts, hidden)
-        return hidden.flatten(-2) @ self.output_linear.weight.transpose(1, 2).flatten(0, 1)
+        """Computed densely (moe.mix_experts), as fixed-shape ops."""
+        top, picked = self.router.layer(x).topk(self.top_k, dim=-1)
+        return mix_experts(self.experts, x, picked, top.softmax(dim=-1))
+
+
+def _stack_expert_weights(moe: GraniteMoE, state: dict, prefix: str, *_) -> None:
+    """state_dict hook: the experts' weights under the stacked names of Granite's files."""
+    for linear in _STACKED_LINEARS:
+        state[f"{prefix}{linear}.weight"] = torch.stack([state.pop(f"{prefix}experts.{e}.{linear}.weight")
+                                                         for e in range(len(moe.experts))])
+
+
+def _split_expert_weights(moe: GraniteMoE, state: dict, prefix: str, *_) -> None:
+    """load_state_dict pre-hook: the stacked weights of Granite's files as each expert's (views,
+    so a sharded load that assigns them keeps one copy)."""
+    for linear in _STACKED_LINEARS:
+        stacked = state.pop(f"{prefix}{linear}.weight", None)
+        if stacked is not None:
+            state.update({f"{prefix}experts.{e}.{linear}.weight": weight for e, weight in enumerate(stacked)})
 
 
 class GraniteMoeHybridDecoderLayer(nn.Module):
@@ -93,15 +112,18 @@ class GraniteMoeHybridDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_epsilon)
         self.shared_mlp = FusedGatedMLP(cfg.mlp)
         self.block_sparse_moe = GraniteMoE(cfg) if cfg.experts else None
+        self.state_kinds = MIXER_STATE[kind]
 
-    def forward(self, hidden: Tensor) -> Tensor:
-        mixer = self.mamba if self.kind == MAMBA else self.self_attn
-        hidden = hidden + mixer(self.input_layernorm(hidden)) * self.residual_multiplier
+    def forward(self, hidden: Tensor, state: tuple[Tensor, ...] | None = None):
+        """hidden → hidden; with the mixer's decode `state` → (hidden, new state)."""
+        mixed, state = mix(self.mamba if self.kind == MAMBA else self.self_attn, self.input_layernorm(hidden), state)
+        hidden = hidden + mixed * self.residual_multiplier
         normed = self.post_attention_layernorm(hidden)
         feed_forward = self.shared_mlp(normed)
         if self.block_sparse_moe is not None:
             feed_forward = feed_forward + self.block_sparse_moe(normed)
-        return hidden + feed_forward * self.residual_multiplier
+        hidden = hidden + feed_forward * self.residual_multiplier
+        return hidden if state is None else (hidden, state)
 
 
 class GraniteMoeHybridLM(HybridLM):
@@ -116,6 +138,17 @@ class GraniteMoeHybridFamily(HybridLMFamily):
     name = "granite-hybrid"
     model_class = GraniteMoeHybridLM
     hf_model_types = ("granitemoehybrid",)
+
+    def topology(self, model):
+        """input_layernorm read by the Mamba mixer or attention, post_attention_layernorm by the
+        shared MLP (and the MoE)."""
+        def steps():
+            for i, layer in enumerate(model.model.layers):
+                name = f"model.layers.{i}"
+                yield f"{name}.input_layernorm", (f"{name}.{'mamba' if layer.kind == MAMBA else 'self_attn'}",)
+                yield f"{name}.post_attention_layernorm", (f"{name}.shared_mlp",) + (
+                    (f"{name}.block_sparse_moe",) if layer.block_sparse_moe is not None else ())
+        return hybrid_topology(model, steps())
 
     def config_from_hf(self, read, source) -> GraniteMoeHybridConfig:
         """HF transformers' GraniteMoeHybridConfig. Settings without effect on an FP32 forward are

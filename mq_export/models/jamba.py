@@ -17,16 +17,18 @@ with no renaming.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-import torch
 from torch import Tensor, nn
 
 from ..errors import MQExportError
 from .attention import MLP, AttentionConfig, MLPConfig
-from .bamba import BambaDecoderLayer, attention_head_dim
-from .hybrid import ATTENTION, MAMBA, HybridLM, HybridLMConfig, HybridLMFamily, HybridStack, kv_heads, require_value
+from .bamba import BambaDecoderLayer, attention_head_dim, decoder_steps
+from .hybrid import (ATTENTION, MAMBA, HybridLM, HybridLMConfig, HybridLMFamily, HybridStack, hybrid_topology,
+                     kv_heads, require_value)
 from .mamba import MambaMixer, MixerConfig, RMSNorm
+from .moe import mix_experts
+from .topology import BlockTopology, FloatingPointLinear, Stream
 
 
 @dataclass(frozen=True)
@@ -39,8 +41,7 @@ class JambaMixerConfig(MixerConfig):
 
 class JambaMambaMixer(MambaMixer):
     """The Mamba-1 mixer with weighted RMSNorms on x_proj's dt (over dt_rank), B and C (each over
-    d_state). Hybrids are not quantized yet (the family refuses), so the base's transform streams,
-    which do not account for these norms, are never asked for."""
+    d_state)."""
 
     def __init__(self, cfg: JambaMixerConfig) -> None:
         super().__init__(cfg)
@@ -50,6 +51,13 @@ class JambaMambaMixer(MambaMixer):
 
     def selection(self, dt: Tensor, B: Tensor, C: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)
+
+    def streams(self, name: str) -> list[Stream]:
+        """The base's, with the norms: dt's (between x_proj and dt_proj) takes the smoothing or gives
+        its weight to dt_proj for a rotation; B and C are normalised over the state dimension, so no
+        state smoothing passes their norms."""
+        dt, state, gated = super().streams(name)
+        return [replace(dt, norm=f"{name}.dt_layernorm"), replace(state, smoothable=False), gated]
 
 
 @dataclass(frozen=True)
@@ -66,18 +74,18 @@ class SparseMoE(nn.Module):
     def __init__(self, cfg: MLPConfig, count: int, top_k: int) -> None:
         super().__init__()
         self.top_k = top_k
-        self.router = nn.Linear(cfg.d_model, count, bias=False)
+        self.router = FloatingPointLinear(cfg.d_model, count, bias=False)
         self.experts = nn.ModuleList(MLP(cfg) for _ in range(count))
 
+    def topology(self, name: str) -> BlockTopology:
+        """Each expert quantized as its own MLP (its own weight scales and sites); the router floating point."""
+        return BlockTopology.experts(f"{name}.router", (expert.topology(f"{name}.experts.{e}")
+                                                        for e, expert in enumerate(self.experts)))
+
     def forward(self, x: Tensor) -> Tensor:
-        """Every expert runs on every token, weighted 0 where the router did not pick it: the sum
-        transformers takes over the picked ones, as fixed-shape ops that export with dynamic batch
-        and length, at num_experts / num_experts_per_tok times the expert FLOPs."""
-        probabilities = self.router(x).softmax(dim=-1)
-        top, picked = probabilities.topk(self.top_k, dim=-1)
-        weights = torch.zeros_like(probabilities).scatter(-1, picked, top)
-        outputs = torch.stack([expert(x) for expert in self.experts], dim=-1)     # (b, l, d_model, experts)
-        return (outputs @ weights[..., None]).squeeze(-1)
+        """Computed densely (moe.mix_experts), as fixed-shape ops."""
+        top, picked = self.router(x).softmax(dim=-1).topk(self.top_k, dim=-1)
+        return mix_experts(self.experts, x, picked, top)
 
 
 class JambaDecoderLayer(BambaDecoderLayer):
@@ -103,6 +111,9 @@ class JambaFamily(HybridLMFamily):
     name = "jamba"
     model_class = JambaLM
     hf_model_types = ("jamba",)
+
+    def topology(self, model):
+        return hybrid_topology(model, decoder_steps(model))
 
     def config_from_hf(self, read, source) -> JambaConfig:
         """HF transformers' JambaConfig. Settings without effect on an FP32 forward are not read:

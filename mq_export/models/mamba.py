@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ..ops.selective_scan import DeltaProjection, SelectiveScanOp
 from ..errors import MQExportError
-from .family import CLASSIFICATION, LANGUAGE_MODEL, ModelFamily
+from .family import CLASSIFICATION, LANGUAGE_MODEL, MAMBA_STATE, ModelFamily
 from .topology import GatedStream, LinearStream, NormedReader, NormedStream, StateStream, Stream
 
 
@@ -40,6 +40,11 @@ class MixerConfig:
     def build(self) -> MambaMixer:
         """The mixer this config describes (a family's mixer config subclass builds its own)."""
         return MambaMixer(self)
+
+    def zero_state(self, batch: int) -> LayerState:
+        """The mixer's decode state before any token: (conv_state (b, d_inner, d_conv − 1),
+        ssm_state (b, d_inner, d_state)), zeros."""
+        return (torch.zeros(batch, self.d_inner, self.d_conv - 1), torch.zeros(batch, self.d_inner, self.d_state))
 
 
 def state_dims(state: dict[str, Tensor], key: str, layout: tuple[str, ...], source) -> tuple[int, ...]:
@@ -111,38 +116,41 @@ class MambaMixer(nn.Module):
     def forward(self, hidden: Tensor, state: tuple[Tensor, Tensor] | None = None):
         """hidden (b, l, d_model) → (b, l, d_model). With `state` = (conv_state (b, d_inner, d_conv − 1):
         the last conv inputs, ssm_state (b, d_inner, d_state)), the sequence continues from that
-        state and (output, new state) is returned: the same code serves prefill and decode steps."""
+        state and (output, new state) is returned: the same code serves prefill and decode steps.
+
+        From in_proj's output to the scan's the tensors are channel-major (b, channels, l): the
+        layout of the depthwise conv and of the scan's inputs. The Linears, the sites (whose
+        statistics are per channel of the last axis) and `selection` see channels-last views; the
+        exporter writes a float Linear whose output is transposed like this as one MatMul with the
+        weight on the left and moves Q/DQ across transposes, so its FP32 graph copies no layouts
+        here (export/onnx.py)."""
         cfg = self.cfg
-        length = hidden.shape[1]
-        x, z = self.in_proj(self.sites["in_proj"](hidden)).chunk(2, dim=-1)      # (b, l, d_inner)
-        x = x.transpose(1, 2)
-        if state is None:
-            x = F.silu(self.conv1d(x)[..., :length])                             # (b, d_inner, l)
-        else:
-            x = torch.cat([state[0], x], dim=-1)              # the causal conv's window starts in the past
-            conv_state = x[..., x.shape[-1] - (cfg.d_conv - 1):]
-            x = F.silu(self.conv1d(x)[..., cfg.d_conv - 1:cfg.d_conv - 1 + length])
-        x = x.transpose(1, 2).contiguous()          # (b, l, d_inner): x_proj's input and the scan's u
-        x_dbl = self.x_proj(self.sites["x_proj"](x))
-        dt, B, C = self.selection(*torch.split(x_dbl, [cfg.rank, cfg.d_state, cfg.d_state], dim=-1))
-        dt = self.dt_proj(self.sites["dt_proj"](dt))   # no bias: the scan adds it (delta_bias), as mamba-ssm does
-        B = self.sites["scan_B"](B)
-        C = self.sites["scan_C"](C)
+        x, z = self.in_proj(self.sites["in_proj"](hidden)).transpose(1, 2).chunk(2, dim=1)   # (b, d_inner, l)
+        # The causal conv's window starts d_conv − 1 steps back: in the past state, or in zeros.
+        window = F.pad(x, (cfg.d_conv - 1, 0)) if state is None else torch.cat([state[0], x], dim=-1)
+        x = F.silu(F.conv1d(window, self.conv1d.weight, self.conv1d.bias, groups=cfg.d_inner))   # the scan's u
+        x_dbl = self.x_proj(self.sites["x_proj"](x.transpose(1, 2))).transpose(1, 2)          # (b, r + 2n, l)
+        dt, B, C = self.selection(*(t.transpose(1, 2) for t in
+                                    torch.split(x_dbl, [cfg.rank, cfg.d_state, cfg.d_state], dim=1)))
+        # No bias: the scan adds it (delta_bias), as mamba-ssm does.
+        dt = self.dt_proj(self.sites["dt_proj"](dt)).transpose(1, 2)                          # (b, d_inner, l)
+        B = self.sites["scan_B"](B).transpose(1, 2)                                          # (b, d_state, l)
+        C = self.sites["scan_C"](C).transpose(1, 2)
         gate_in_scan = self.gate_scale is None
-        y = self.scan(x.transpose(1, 2), dt.transpose(1, 2), -torch.exp(self.A_log.float()),
-                      B.transpose(1, 2), C.transpose(1, 2), self.D.float(),
-                      z=z.transpose(1, 2) if gate_in_scan else None,
+        y = self.scan(x, dt, -torch.exp(self.A_log.float()), B, C, self.D.float(), z=z if gate_in_scan else None,
                       delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
                       **({} if state is None else {"initial_state": state[1], "return_last_state": True}))
         if state is not None:
             y, ssm_state = y
-        y = y.transpose(1, 2)                                                     # (b, l, d_inner)
         if not gate_in_scan:
-            y = y * z * torch.sigmoid(self.gate_scale * z)
+            y = y * z * torch.sigmoid(self.gate_scale[:, None] * z)
+        y = y.transpose(1, 2)                                                                # (b, l, d_inner)
         if self.out_proj_input_rotation is not None:
             y = y @ self.out_proj_input_rotation
         out = self.out_proj(self.sites["out_proj"](y))
-        return out if state is None else (out, (conv_state, ssm_state))
+        if state is None:
+            return out
+        return out, (window[..., window.shape[-1] - (cfg.d_conv - 1):], ssm_state)
 
     def selection(self, dt: Tensor, B: Tensor, C: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x_proj's dt, B, C as dt_proj and the scan read them (a subclass may normalise them)."""
@@ -285,11 +293,8 @@ class MambaLMHeadModel(nn.Module):
         self.sites = nn.ModuleDict({"lm_head": ActivationSite()})
 
     def zero_state(self, batch: int) -> list[LayerState]:
-        """The state before any token: per layer (conv_state (b, d_inner, d_conv − 1), ssm_state
-        (b, d_inner, d_state)), all zeros."""
-        m = self.cfg.mixer
-        return [(torch.zeros(batch, m.d_inner, m.d_conv - 1), torch.zeros(batch, m.d_inner, m.d_state))
-                for _ in range(self.cfg.n_layer)]
+        """The state before any token: per layer its mixer's zero state (conv_state, ssm_state)."""
+        return [self.cfg.mixer.zero_state(batch) for _ in range(self.cfg.n_layer)]
 
     def forward(self, input_ids: Tensor, state: list[LayerState] | None = None):
         """input_ids (b, l) → logits (b, l, vocab); with `state` (`zero_state` for a new sequence)
@@ -342,7 +347,6 @@ class MambaLMFamily(ModelFamily):
     dynamic_axes = {"input_ids": {0: "batch", 1: "length"}, "logits": {0: "batch", 1: "length"}}
     hf_model_types = ("mamba",)
     hf_renames = {"backbone.embeddings.": "backbone.embedding."}
-    state_kinds = ("conv", "ssm")   # LayerState
 
     def example_inputs(self, model, batch, length, generator):
         return (torch.randint(0, model.cfg.vocab_size, (batch, length), generator=generator),)
@@ -355,8 +359,9 @@ class MambaLMFamily(ModelFamily):
             raise MQExportError(f"{what}: token ids outside [0, {model.cfg.vocab_size})")
         return inputs.long()
 
-    def state_layers(self, model):
-        return model.cfg.n_layer
+    def state_layout(self, model):
+        """Every layer carries its mixer's conv and SSM state (LayerState)."""
+        return tuple((i, MAMBA_STATE) for i in range(model.cfg.n_layer))
 
     def topology(self, model):
         """Each mixer's streams, then the residual stream: written by the embedding and every

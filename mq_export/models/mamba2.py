@@ -64,6 +64,12 @@ class Mamba2MixerConfig:
     def build(self) -> Mamba2Mixer:
         return Mamba2Mixer(self)
 
+    def zero_state(self, batch: int) -> LayerState:
+        """The mixer's decode state before any token: (conv_state (b, conv_dim, d_conv − 1),
+        ssm_state (b, heads, headdim, d_state)), zeros."""
+        return (torch.zeros(batch, self.conv_dim, self.d_conv - 1),
+                torch.zeros(batch, self.nheads, self.headdim, self.d_state))
+
 
 class GatedRMSNorm(nn.Module):
     """mamba-ssm's RMSNormGated with norm_before_gate=False: y ⊙ SiLU(z), RMS-normalised over
@@ -213,20 +219,13 @@ class Mamba2Block(Block):
 
 
 class Mamba2LM(MambaLMHeadModel):
-    """A causal LM with Mamba-2 mixers (`cfg` a Mamba2LMConfig)."""
-
-    def zero_state(self, batch: int) -> list[LayerState]:
-        """The state before any token: per layer (conv_state (b, conv_dim, d_conv − 1), ssm_state
-        (b, heads, headdim, d_state)), all zeros."""
-        m = self.cfg.mixer
-        return [(torch.zeros(batch, m.conv_dim, m.d_conv - 1), torch.zeros(batch, m.nheads, m.headdim, m.d_state))
-                for _ in range(self.cfg.n_layer)]
+    """A causal LM with Mamba-2 mixers (`cfg` a Mamba2LMConfig; `zero_state` is its mixers')."""
 
 
 class Mamba2LMFamily(MambaLMFamily):
     """mamba-ssm Mamba2 LMs (mamba2-130m … 2.7b) and HF `Mamba2ForCausalLM` (Mamba-2, Codestral Mamba):
     `input_ids` (batch, length) int64 → `logits` (batch, length, vocab), with the Mamba-1 LM's input
-    and output names and decode state kinds."""
+    and output names and decode state layout."""
     name = "mamba2-lm"
     model_class = Mamba2LM
     hf_model_types = ("mamba2",)

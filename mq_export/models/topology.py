@@ -9,6 +9,9 @@ fixes the order in which random signs are drawn.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable
+
+from torch import nn
 
 Rows = tuple[str, slice]   # a Linear's name and the output rows it writes to the stream
 
@@ -25,6 +28,31 @@ class LinearStream:
     dimension: str             # the width's name, for errors ("d_model", "dt_rank")
     smoothable: bool = True
     rotatable: bool = True
+    # An elementwise activation between writers and reader that is positively homogeneous of this
+    # degree (ReLU 1, ReLU² 2: act(x/s) = act(x)/s^degree for s > 0): smoothing by s scales the
+    # writers' rows by s^(-1/degree). 1 also for no activation and for a gated MLP's value rows.
+    degree: int = 1
+    # Where no rotation reaches the writers (`rotatable=False`): the qualified name of a buffer
+    # the reader's module multiplies the reader's input by (an online rotation, QuaRot's before an
+    # MLP's down projection), or None: no rotation at all.
+    online_rotation: str | None = None
+    # A weighted RMSNorm between writers and reader (Jamba's dt_layernorm): smoothing folds into
+    # its weight; a rotation needs it weight-free, so its weight folds into the reader first.
+    norm: str | None = None
+
+
+@dataclass(frozen=True)
+class HeadStream:
+    """Attention's v → o_proj input: each query head's output is softmax(scores)·v of its kv head,
+    so a per-channel smoothing or a rotation of one kv head's v channels (v_proj's rows of that
+    head) is undone in o_proj's columns of every query head reading it. The attention weights and
+    the KV cache stay floating point."""
+    v_proj: str
+    o_proj: str
+    site: str                  # the ActivationSite at o_proj's input
+    heads: int
+    kv_heads: int
+    head_dim: int
 
 
 @dataclass(frozen=True)
@@ -64,9 +92,41 @@ class GatedStream:
 
 @dataclass(frozen=True)
 class NormedReader:
-    norm: str                  # the norm in front of the reader (RMSNorm or LayerNorm)
-    reader: str
-    site: str                  # the ActivationSite at the reader's input (after the norm)
+    """The Linears that read one norm's output (attention's q, k and v; a MoE's router and its
+    experts' gate and up projections) and the ActivationSites at their inputs (Falcon-H1's Mamba
+    and attention read one norm through two sites, each scaled by its own multiplier)."""
+    norm: str                  # the norm in front of the readers (RMSNorm or LayerNorm)
+    reader: str | tuple[str, ...]
+    site: str | tuple[str, ...]
+
+    @property
+    def linears(self) -> tuple[str, ...]:
+        return (self.reader,) if isinstance(self.reader, str) else self.reader
+
+    @property
+    def sites(self) -> tuple[str, ...]:
+        return (self.site,) if isinstance(self.site, str) else self.site
+
+
+@dataclass(frozen=True)
+class BlockTopology:
+    """What a residual block's part (a mixer, attention, an MLP, a MoE) contributes to a hybrid
+    LM's topology: its inner streams, the Linears and sites that read the residual stream
+    through the block's norm, and the Linears writing back to it."""
+    streams: tuple[Stream, ...]
+    readers: tuple[str, ...]
+    sites: tuple[str, ...]
+    writers: tuple[str, ...]
+
+    @staticmethod
+    def experts(router: str, experts: Iterable[BlockTopology]) -> BlockTopology:
+        """A mixture of experts: every expert's topology, plus the router reading the residual
+        stream beside them (a FloatingPointLinear, without a site of its own)."""
+        experts = tuple(experts)
+        return BlockTopology(streams=tuple(s for e in experts for s in e.streams),
+                             readers=(router, *(r for e in experts for r in e.readers)),
+                             sites=tuple(s for e in experts for s in e.sites),
+                             writers=tuple(w for e in experts for w in e.writers))
 
 
 @dataclass(frozen=True)
@@ -83,4 +143,9 @@ class NormedStream:
     what: str = "this stream"  # for errors: "a language model's residual stream"
 
 
-Stream = LinearStream | StateStream | OnlineStateStream | GatedStream | NormedStream
+Stream = LinearStream | HeadStream | StateStream | OnlineStateStream | GatedStream | NormedStream
+
+
+class FloatingPointLinear(nn.Linear):
+    """A Linear that no method quantizes: a mixture of experts' router, whose top-k choice is
+    discrete (rounding its logits can switch experts). Transforms still fold into it exactly."""

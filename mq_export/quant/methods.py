@@ -15,7 +15,9 @@ from torch import nn
 
 from .. import checks
 from ..errors import MQExportError
+from ..models.attention import Attention
 from ..models.registry import family_of
+from ..models.topology import FloatingPointLinear
 from .calibrate import CALIBRATORS
 from .transforms import TransformConfig
 
@@ -64,6 +66,16 @@ CALIBRATOR_CHOICES = ("auto", *CALIBRATORS)
 FLOATING_POINT_OPS = ("selective-scan recurrence (Δ softplus, exp(ΔA), D skip)", "conv1d", "norms", "biases",
                       "model input")
 H_C_PRODUCT = "quantized through its operands outside the scan op: C (scan_C) and the scan output y (out_proj input)"
+
+
+def floating_point_parts(model: nn.Module) -> tuple[str, ...]:
+    """The parts of `model` beyond FLOATING_POINT_OPS that no method quantizes."""
+    parts = []
+    if any(isinstance(m, Attention) for m in model.modules()):
+        parts.append("attention scores, softmax and KV cache")
+    if any(isinstance(m, FloatingPointLinear) for m in model.modules()):
+        parts.append("MoE routers")
+    return tuple(parts)
 
 
 def _choice(option: str, value, choices) -> None:
@@ -149,10 +161,13 @@ class QuantConfig:
 
     def check_model(self, model: nn.Module) -> None:
         """The checks that need the model, run before calibration: that its family can be
-        quantized, and every Linear's block size."""
+        quantized, that its transform topology can be built (a layer no topology covers is refused
+        here), and every Linear's block size."""
         family = family_of(model, required=False)
         if family is not None and family.quantization_unsupported:
             raise MQExportError(family.quantization_unsupported)
+        if family is not None:
+            family.topology(model)
         for module in model.modules():
             if isinstance(module, nn.Linear):
                 self.group_size_for(module.in_features)
@@ -172,6 +187,9 @@ class QuantSettings:
     # The kinds of online op the transforms inserted ("gate scale", "rotation", "state scale", …);
     # None: those this method inserts in a Mamba-1 model.
     online_kinds: tuple[str, ...] | None = None
+    # What else this model keeps in floating point (a hybrid's attention scores and KV cache, its
+    # MoE routers): `floating_point_parts`.
+    model_floating_point: tuple[str, ...] = ()
 
     @property
     def floating_point(self) -> list[str]:
@@ -180,7 +198,7 @@ class QuantSettings:
         online = (list(self.online_kinds) if self.online_kinds is not None else
                   [part for part, used in (("gate scale", method.smooth_gate), ("rotation", method.rotation)) if used])
         listed = ", ".join(online[:-1]) + " and " + online[-1] if len(online) > 1 else "".join(online)
-        return [*FLOATING_POINT_OPS, *([f"online {listed}"] if online else [])]
+        return [*FLOATING_POINT_OPS, *self.model_floating_point, *([f"online {listed}"] if online else [])]
 
     @property
     def activations(self) -> str:

@@ -3,12 +3,15 @@ and static activation ranges (one calibrator, or `auto` selection), written onto
 qspec objects (`FakeQuantize` on ActivationSites, `weight_quant` on Linears) that the PyTorch
 fake-quant forward and the ONNX Q/DQ exporter both read.
 
-Quant-site table (`quant_sites`): every ActivationSite input (each Linear input, the scan's B and
-C) and every Linear weight. The h·C product of the paper is inside the one custom scan op here,
+Quant-site table (`quant_sites`): every ActivationSite input (each Linear input — attention's q, k
+and v share one, an MLP's gate and up one —, the scan's B and C) and every Linear weight but a
+`FloatingPointLinear` (a MoE router); each expert of a MoE is its own MLP (its own sites and
+per-channel weight scales). The h·C product of the paper is inside the one custom scan op here,
 so it is quantized through its operands outside the op: C (scan_C) and the scan output y (the
 out_proj input, after the gate — Mamba-2: the gated RMSNorm — and the online rotation). The scan
-recurrence and state, Δ softplus, D skip, conv1d, norms, biases and the model input stay in
-floating point; so do the online transforms (rotation, gate or state scale).
+recurrence and state, Δ softplus, D skip, conv1d, norms, biases, attention scores, softmax and the
+KV cache, and the model input stay in floating point; so do the online transforms (rotation, gate
+or state scale).
 """
 from __future__ import annotations
 
@@ -22,7 +25,8 @@ from .calibrate import (CALIBRATORS, CalibrationStats, SiteStats, activation_ran
                         collect_site_stats)
 from ..errors import MQExportError
 from ..evaluate import batched_logits, kl_to_reference
-from .methods import QuantConfig, QuantSettings
+from ..models.topology import FloatingPointLinear
+from .methods import QuantConfig, QuantSettings, floating_point_parts
 from .qspec import FakeQuantize, WeightQuant, int_range
 from .transforms import apply_transforms
 
@@ -41,14 +45,16 @@ class Prepared:
     online_kinds: list[str]   # their kinds ("gate scale", "rotation", "state scale", "state rotation")
 
 
-def quant_sites(model: nn.Module) -> list[tuple[str, str | None]]:
-    """(ActivationSite name, name of the Linear it feeds or None): site `P.sites.K` feeds Linear `P.K`."""
+def quant_sites(model: nn.Module) -> list[tuple[str, tuple[str, ...]]]:
+    """(ActivationSite name, names of the Linears it feeds): site `P.sites.K` feeds Linear `P.K`, or
+    the Linears `P.site_readers[K]` names (attention's q, k and v read one site)."""
     modules = dict(model.named_modules())
     table = []
     for name in activation_sites(model):
         parent, _, key = name.rpartition(".sites.") if ".sites." in name else ("", "", name.split(".")[-1])
-        linear = f"{parent}.{key}" if parent else key
-        table.append((name, linear if isinstance(modules.get(linear), nn.Linear) else None))
+        keys = getattr(modules[parent], "site_readers", {}).get(key, (key,))
+        linears = tuple(f"{parent}.{k}" if parent else k for k in keys)
+        table.append((name, tuple(linear for linear in linears if isinstance(modules.get(linear), nn.Linear))))
     return table
 
 
@@ -110,11 +116,12 @@ def gptq(weight: Tensor, hessian: Tensor, wq: WeightQuant, damp: float = 0.01) -
 
 
 def quantize_weights(model: nn.Module, sites: dict[str, SiteStats], cfg: QuantConfig) -> list[str]:
-    """Attach `weight_quant` to every Linear and replace its weight by the dequantized values."""
-    feeding = {linear: site for site, linear in quant_sites(model) if linear is not None}
+    """Attach `weight_quant` to every Linear but a FloatingPointLinear (a MoE router) and replace its
+    weight by the dequantized values."""
+    feeding = {linear: site for site, linears in quant_sites(model) for linear in linears}
     names = []
     for name, linear in model.named_modules():
-        if not isinstance(linear, nn.Linear):
+        if not isinstance(linear, nn.Linear) or isinstance(linear, FloatingPointLinear):
             continue
         stats = sites.get(feeding.get(name, ""))
         w = linear.weight.data
@@ -183,6 +190,7 @@ def _quantize_model(model: nn.Module, prepared: Prepared, stats: CalibrationStat
     return model, QuantSettings(config=cfg, calibrator=chosen, calibrator_selection_kl=kls,
                                 calibrator_selection_samples=len(stats.selection_logits), online=prepared.online,
                                 online_kinds=tuple(prepared.online_kinds),
+                                model_floating_point=floating_point_parts(model),
                                 quantized_activation_sites=acts, quantized_weights=weights,
                                 calibration_split=stats.split)
 

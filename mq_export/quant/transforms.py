@@ -11,7 +11,12 @@ Where the math lets M be folded into weights it is; what cannot be folded stays 
     divided by s: `MambaMixer.gate_scale` (one elementwise multiply, the gate leaves the scan op).
     Mamba-2 folds it into its gated RMSNorm's weight instead;
   * Mamba-2's h·C smoothing and state rotation (B/s·R, C·s·R: conv1d + SiLU lie between in_proj
-    and B, C): `Mamba2Mixer.state_scale`, `Mamba2Mixer.state_rotation`.
+    and B, C): `Mamba2Mixer.state_scale`, `Mamba2Mixer.state_rotation`;
+  * an MLP's down-projection input rotation (behind its activation; QuaRot's online Hadamard):
+    `MLP.down_proj_input_rotation`, `FusedGatedMLP.output_linear_input_rotation`. Its smoothing
+    folds into the up rows (s^(-1/k) through a ReLU^k, s through a gate's value half).
+Attention's o_proj input folds both per kv head into v_proj's rows and o_proj's columns
+(`HeadStream`); q, k, the scores and the KV cache are left as they are.
 Rotations: `random_hadamard` (QuaRot) or `klt_rotation` R = K·H (K = eigenvectors of the
 calibration covariance at the site). All math is fp64; every random sign comes from one
 `torch.Generator` seeded by `seed`, so a seed gives bit-identical weights.
@@ -39,7 +44,8 @@ from ..errors import MQExportError
 from .hadamard import SUPPORTED_ORDERS, has_hadamard_matrix, random_hadamard
 from ..models.mamba import RMSNorm
 from ..models.registry import family_of
-from ..models.topology import GatedStream, LinearStream, NormedStream, OnlineStateStream, StateStream, Stream
+from ..models.topology import (GatedStream, HeadStream, LinearStream, NormedStream, OnlineStateStream, StateStream,
+                               Stream)
 
 ROTATIONS = ("hadamard", "klt")
 
@@ -163,22 +169,71 @@ class _Transformer:
             self.online_kinds.append(kind)
 
     def apply(self, stream: Stream) -> None:
-        {LinearStream: self.linear_stream, StateStream: self.state_stream, OnlineStateStream: self.online_state_stream,
-         GatedStream: self.gated_stream, NormedStream: self.normed_stream}[type(stream)](stream)
+        {LinearStream: self.linear_stream, HeadStream: self.head_stream, StateStream: self.state_stream,
+         OnlineStateStream: self.online_state_stream, GatedStream: self.gated_stream,
+         NormedStream: self.normed_stream}[type(stream)](stream)
 
     def linear_stream(self, stream: LinearStream) -> None:
-        """Smoothing and rotation both fold into the writers' rows and the reader."""
+        """Smoothing and rotation both fold into the writers' rows and the reader; through a
+        homogeneous activation of degree k the writers' rows take s^(-1/k); a rotation that cannot
+        reach the writers stays online where the stream names a buffer for it; a weighted norm
+        takes the smoothing (without a rotation) or gives its weight to the reader (with one)."""
         site, reader = self.site(stream.site), self.module(stream.reader)
-        smooth = self.cfg.smooth_inputs and stream.smoothable
-        if self.cfg.smooth_inputs and not stream.smoothable:
-            self.not_applied.append(f"{stream.site}: smoothing (a weight-free RMSNorm precedes {stream.reader})")
-        if self.cfg.rotation and not stream.rotatable:
+        norm = self.module(stream.norm) if stream.norm else None
+        rotates = self.cfg.rotation is not None and (stream.rotatable or stream.online_rotation is not None)
+        smooth = self.cfg.smooth_inputs and stream.smoothable and not (norm is not None and rotates)
+        if self.cfg.smooth_inputs and not smooth:
+            why = (f"a rotation needs {stream.norm} weight-free" if stream.smoothable else
+                   f"what precedes {stream.reader} does not pass it")
+            self.not_applied.append(f"{stream.site}: smoothing ({why})")
+        if self.cfg.rotation and not rotates:
             self.not_applied.append(f"{stream.site}: rotation (an elementwise gate precedes {stream.reader})")
         s = self.smoothing(site, reader) if smooth else None
-        rot = self.rotation(_scaled_covariance(site, s), stream.dimension) if stream.rotatable else None
+        if norm is not None and s is not None:     # x·γ/s: the norm's output is the smoothed stream
+            norm.weight.data /= s
+            reader.weight.data *= s[None, :]
+            return
+        if norm is not None and rotates:           # weight-free, the norm commutes with the rotation
+            reader.weight.data = reader.weight.data * norm.weight.data[None, :]
+            norm.weight.data = torch.ones_like(norm.weight.data)
+        rot = self.rotation(_scaled_covariance(site, s), stream.dimension) if rotates else None
         m, m_inv = smooth_then_rotate(s, rot, site.channels)
-        fold_stream_transform(m, m_inv, writers=[(self.module(w), rows) for w, rows in stream.writers],
+        if rot is not None and not stream.rotatable:
+            owner, _, buffer = stream.online_rotation.rpartition(".")
+            setattr(self.module(owner), buffer, rot.clone())
+            self.keep_online("rotation", f"{stream.online_rotation} ({site.channels}×{site.channels} matmul before "
+                                         f"{stream.reader})")
+        writer_m = smooth_then_rotate(None if s is None else s ** (1 / stream.degree),
+                                      rot if stream.rotatable else None, site.channels)[0]
+        fold_stream_transform(writer_m, m_inv, writers=[(self.module(w), rows) for w, rows in stream.writers],
                               readers=[reader])
+
+    def head_stream(self, stream: HeadStream) -> None:
+        """v → o_proj per kv head: a smoothing s (per kv head and channel, from the maxima over the
+        query heads reading it) and a rotation R (one per kv head, fitted to its query heads'
+        outputs) fold into v_proj's rows of that head and o_proj's columns of each of its query
+        heads. Nothing stays online."""
+        cfg, n = self.cfg, stream.head_dim
+        if not (cfg.smooth_inputs or cfg.rotation):
+            return
+        site, v_proj, o_proj = self.site(stream.site), self.module(stream.v_proj), self.module(stream.o_proj)
+        group = stream.heads // stream.kv_heads
+
+        def per_kv_head(channels: Tensor) -> Tensor:     # (heads · head_dim,) → (kv_heads, head_dim): group maxima
+            return channels.view(stream.kv_heads, group, n).amax(1)
+        s = None
+        if cfg.smooth_inputs:
+            s = smoothing_scales(per_kv_head(site.absmax), per_kv_head(o_proj.weight.data.abs().amax(0)), cfg.alpha)
+        blocks = None
+        if cfg.rotation:           # each query head's (head_dim × head_dim) block of the smoothed covariance
+            covariance = _scaled_covariance(site, None if s is None else s.repeat_interleave(group, 0).flatten())
+            blocks = covariance.view(stream.heads, n, stream.heads, n).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+        per_head = [smooth_then_rotate(None if s is None else s[j], None if blocks is None else
+                                       self.rotation(blocks[j * group:(j + 1) * group].mean(0), "head_dim"), n)
+                    for j in range(stream.kv_heads)]
+        m_v = torch.block_diag(*(m for m, _ in per_head))
+        m_inv_o = torch.block_diag(*(m_inv for _, m_inv in per_head for _ in range(group)))
+        fold_stream_transform(m_v, m_inv_o, writers=[(v_proj, slice(None))], readers=[o_proj])
 
     def state_stream(self, stream: StateStream) -> None:
         """h·C along the state dimension: C·s and B/s leave Σ_n h_n C_n unchanged (the decay is
@@ -255,39 +310,48 @@ class _Transformer:
         cfg = self.cfg
         if cfg.rotation is None and not cfg.smooth_inputs:
             return
-        readers = [(self.module(r.norm), self.module(r.reader), self.site(r.site), r.norm) for r in stream.readers]
+        readers = [(self.module(r.norm), [self.module(name) for name in r.linears], [self.site(x) for x in r.sites],
+                    r.norm) for r in stream.readers]
         embeddings = [self.table(e) for e in stream.embeddings]
-        for _, reader, _, _ in readers:   # untie: a reader sharing an embedding's weight is transformed differently
-            if any(reader.weight is e for e in embeddings):
-                reader.weight = nn.Parameter(reader.weight.detach().clone())
+        for _, linears, _, _ in readers:   # untie: a reader sharing an embedding's weight is transformed differently
+            for reader in linears:
+                if any(reader.weight is e for e in embeddings):
+                    reader.weight = nn.Parameter(reader.weight.detach().clone())
         if cfg.rotation is None:
-            for norm, reader, site, _ in readers:
-                s = self.smoothing(site, reader)
+            # One s per norm: from the maxima over its sites and over the Linears reading it.
+            for norm, linears, sites, _ in readers:
+                s = smoothing_scales(torch.stack([site.absmax for site in sites]).amax(0),
+                                     torch.stack([r.weight.data.abs().amax(0) for r in linears]).amax(0), cfg.alpha)
                 norm.weight.data /= s
                 if getattr(norm, "bias", None) is not None:
                     norm.bias.data /= s
-                reader.weight.data *= s[None, :]
+                for reader in linears:
+                    reader.weight.data *= s[None, :]
             return
-        for norm, _, _, name in readers:
-            if not isinstance(norm, RMSNorm) and not (stream.centrable and len(stream.writers) == 1):
+        for norm, linears, _, name in readers:
+            if not isinstance(norm, RMSNorm) and not (stream.centrable and len(stream.writers) == 1 and
+                                                      len(linears) == 1):
                 raise MQExportError(f"rotating {stream.what} needs RMSNorm; {name} is a {type(norm).__name__} "
                                     f"(a language model: rms_norm=True)")
-        # Covariance of each reader's affine-free normalised input (x − β)/γ, which the rotation sees
+        # Covariance of each site's affine-free normalised input (x − β)/γ, which the rotation sees
         # (the shift by β does not change it).
         covariance = 0
-        for norm, _, site, _ in readers:
-            gamma = norm.weight.data if norm.weight is not None else torch.ones_like(site.mean)
-            covariance = covariance + site.covariance / (gamma[:, None] * gamma[None, :]).clamp_min(1e-12)
+        for norm, _, sites, _ in readers:
+            for site in sites:
+                gamma = norm.weight.data if norm.weight is not None else torch.ones_like(site.mean)
+                covariance = covariance + site.covariance / (gamma[:, None] * gamma[None, :]).clamp_min(1e-12)
         rot = self.rotation(covariance, stream.dimension)
         writers = [self.module(w) for w in stream.writers]
-        for norm, reader, _, name in readers:
+        for norm, linears, _, name in readers:
             if isinstance(norm, RMSNorm):
-                reader.weight.data = reader.weight.data * norm.weight.data[None, :]
+                for reader in linears:
+                    reader.weight.data = reader.weight.data * norm.weight.data[None, :]
                 norm.weight.data = torch.ones_like(norm.weight.data)
             else:
-                self.model.set_submodule(name, layernorm_to_rmsnorm(norm, writers[0], reader))
+                self.model.set_submodule(name, layernorm_to_rmsnorm(norm, writers[0], linears[0]))
         fold_stream_transform(rot, rot.T, writers=[(w, slice(None)) for w in writers],
-                              readers=[reader for _, reader, _, _ in readers], embeddings=embeddings)
+                              readers=[reader for _, linears, _, _ in readers for reader in linears],
+                              embeddings=embeddings)
 
 
 def apply_transforms(model: nn.Module, stats: CalibrationStats, cfg: TransformConfig) -> tuple[nn.Module, dict]:

@@ -1,25 +1,25 @@
-"""Decoding a `MambaLMHeadModel` token by token, in PyTorch or in ONNX Runtime over the graphs of
-`export.decode`, behind one interface (`prefill`, then `step`), and text generation over it."""
+"""Decoding a language model with a decode state (the Mamba LMs, the hybrids) token by token, in
+PyTorch or in ONNX Runtime over the graphs of `export.decode`, behind one interface (`prefill`,
+then `step`), and text generation over it."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..errors import MQExportError
-from ..export.decode import DecodeExport
-from ..models.mamba import LayerState, MambaLMHeadModel
+from ..export.decode import BATCH, DecodeExport
 
 
 class TorchDecoder:
     """PyTorch decoding: `prefill(prompt ids (b, l))` then `step(ids (b, 1))`; each returns logits
     (b, l, vocab) and keeps the state."""
 
-    def __init__(self, model: MambaLMHeadModel) -> None:
+    def __init__(self, model: nn.Module) -> None:
         self.model = model.eval()
-        self.state: list[LayerState] = []
+        self.state: list[tuple[Tensor, ...]] = []
 
     @torch.inference_mode()
     def prefill(self, input_ids: Tensor) -> Tensor:
@@ -50,8 +50,10 @@ class OrtDecoder:
         return torch.from_numpy(logits)
 
     def prefill(self, input_ids: Tensor) -> Tensor:
+        """The prompt from zero states: the batch dimension the prompt's, every other named
+        dimension (a cache's past_length) 0."""
         batch = len(input_ids)
-        zeros = [np.zeros([batch, *(d for d in i.shape[1:])], np.float32)
+        zeros = [np.zeros([batch if d == BATCH else 0 if isinstance(d, str) else d for d in i.shape], np.float32)
                  for i in self.prefill_session.get_inputs()[1:]]
         return self._run(self.prefill_session, input_ids, zeros)
 
@@ -88,7 +90,7 @@ def teacher_forced_logits(decoder, prompt_ids: Tensor, tokens: list[int], vocab_
     return torch.stack(logits)
 
 
-def check_decode(model: MambaLMHeadModel, ex: DecodeExport, input_ids: Tensor, prefix: int = 8) -> dict:
+def check_decode(model: nn.Module, ex: DecodeExport, input_ids: Tensor, prefix: int = 8) -> dict:
     """Prefill `prefix` tokens of `input_ids` (b, l) with prefill.onnx, step through the rest with
     decode_step.onnx, and compare every logit with the PyTorch full-sequence forward."""
     with torch.inference_mode():

@@ -34,6 +34,12 @@ class DimRange:
 Profile = Mapping[str, DimRange]
 InputShapes = dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
 
+# The key/value caches' past_length in export --decode's graphs, where a profile does not give it:
+# prefill.onnx starts from empty caches (TensorRT takes 0-size dimensions: 0 <= min <= opt <= max),
+# decode_step.onnx continues a sequence of at least one token. --profile past_length=… overrides.
+PREFILL_PAST_LENGTH = DimRange(0, 0, 4096)
+STEP_PAST_LENGTH = DimRange(1, 512, 4096)
+
 
 @dataclass(frozen=True)
 class OutputComparison:
@@ -62,8 +68,8 @@ def parse_profile(text: str) -> dict[str, DimRange]:
             low, opt, high = (int(v) for v in values.split(":"))
         except ValueError:
             raise MQExportError(f"profile entry {item!r} is not NAME=MIN:OPT:MAX") from None
-        if not 1 <= low <= opt <= high:
-            raise MQExportError(f"profile entry {item!r} needs 1 <= MIN <= OPT <= MAX")
+        if not 0 <= low <= opt <= high or high < 1:
+            raise MQExportError(f"profile entry {item!r} needs 0 <= MIN <= OPT <= MAX, MAX >= 1")
         profile[name.strip()] = DimRange(low, opt, high)
     return profile
 
@@ -120,8 +126,22 @@ def is_quantized(model) -> bool:
     return any(node.op_type in _QDQ_OPS for node in model.graph.node)
 
 
+def default_profile(model) -> dict[str, DimRange]:
+    """The ranges `model` gets where a profile is silent: past_length in a decode graph (a step
+    graph's input_ids have length 1, a prefill graph's a dynamic length)."""
+    from mq_export.export.decode import PAST_LENGTH
+
+    dims = {i.name: i.type.tensor_type.shape.dim for i in model.graph.input}
+    if not any(d.dim_param == PAST_LENGTH for shape in dims.values() for d in shape):
+        return {}
+    step = [d.dim_value for d in dims.get("input_ids", ())][1:] == [1]
+    return {PAST_LENGTH: STEP_PAST_LENGTH if step else PREFILL_PAST_LENGTH}
+
+
 def input_shapes(model, profile: Profile) -> InputShapes:
-    """(min, opt, max) shape of every graph input, dynamic dims taken from `profile` by dim_param."""
+    """(min, opt, max) shape of every graph input, dynamic dims taken from `profile` by dim_param
+    (or from `default_profile`)."""
+    profile = {**default_profile(model), **profile}
     initializers = {init.name for init in model.graph.initializer}
     shapes: InputShapes = {}
     for graph_input in model.graph.input:
