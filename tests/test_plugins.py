@@ -348,8 +348,12 @@ def write_reference(directory: Path, spec, sizes: dict) -> None:
 
 DECODE_STEPS = [SelectiveScanSpec(has_initial_state=True, return_last_state=True),
                 SSDScanSpec(has_z=True, has_initial_state=True, return_final_state=True)]
+# The bundled Nemotron-H hybrid's decode step node (gate in the RMSNorm outside the op, Δ clamped
+# below at time_step_min) at its sizes: 8 heads × 32, one group, d_state 64.
+HYBRID_DECODE_STEP = SSDScanSpec(has_initial_state=True, return_final_state=True, dt_min=1e-3)
+HYBRID_DECODE_SIZES = dict(batch=2, length=1, heads=8, headdim=32, groups=1, dstate=64)
 HARNESS_CASES = ([(spec, PREFILL_SIZES) for spec in SPECS + SSD_SPECS]
-                 + [(spec, DECODE_SIZES) for spec in DECODE_STEPS])
+                 + [(spec, DECODE_SIZES) for spec in DECODE_STEPS] + [(HYBRID_DECODE_STEP, HYBRID_DECODE_SIZES)])
 
 
 @pytest.mark.skipif(not TRT_INCLUDE, reason="set MQ_TRT_INCLUDE to a TensorRT include dir to build the plugin")
