@@ -160,8 +160,11 @@ class _Transformer:
             return klt_rotation(covariance, self.generator)
         return random_hadamard(covariance.shape[0], self.generator)
 
-    def smoothing(self, site: SiteStats, reader: nn.Linear) -> Tensor:
-        return smoothing_scales(site.absmax, reader.weight.data.abs().amax(0), self.cfg.alpha)
+    def smoothing(self, sites: list[SiteStats], readers: list[nn.Linear]) -> Tensor:
+        """One s for input channels that `sites` measure and `readers` read: from the maxima over
+        all of them (a norm read by several Linears through several sites gets one s)."""
+        return smoothing_scales(torch.stack([site.absmax for site in sites]).amax(0),
+                                torch.stack([r.weight.data.abs().amax(0) for r in readers]).amax(0), self.cfg.alpha)
 
     def keep_online(self, kind: str, description: str) -> None:
         self.online.append(description)
@@ -188,7 +191,7 @@ class _Transformer:
             self.not_applied.append(f"{stream.site}: smoothing ({why})")
         if self.cfg.rotation and not rotates:
             self.not_applied.append(f"{stream.site}: rotation (an elementwise gate precedes {stream.reader})")
-        s = self.smoothing(site, reader) if smooth else None
+        s = self.smoothing([site], [reader]) if smooth else None
         if norm is not None and s is not None:     # x·γ/s: the norm's output is the smoothed stream
             norm.weight.data /= s
             reader.weight.data *= s[None, :]
@@ -284,7 +287,7 @@ class _Transformer:
         wanted = self.cfg.smooth_gate if stream.norm is None else self.cfg.smooth_inputs
         if wanted and not stream.smoothable:
             self.not_applied.append(f"{prefix}sites.out_proj: smoothing (the SiLU(z) gate is inside the scan op)")
-        s = self.smoothing(site, mixer.out_proj) if wanted and stream.smoothable else None
+        s = self.smoothing([site], [mixer.out_proj]) if wanted and stream.smoothable else None
         rot = self.rotation(_scaled_covariance(site, s), "d_inner")
         if s is not None and stream.norm is not None:
             self.module(stream.norm).weight.data /= s
@@ -318,10 +321,8 @@ class _Transformer:
                 if any(reader.weight is e for e in embeddings):
                     reader.weight = nn.Parameter(reader.weight.detach().clone())
         if cfg.rotation is None:
-            # One s per norm: from the maxima over its sites and over the Linears reading it.
             for norm, linears, sites, _ in readers:
-                s = smoothing_scales(torch.stack([site.absmax for site in sites]).amax(0),
-                                     torch.stack([r.weight.data.abs().amax(0) for r in linears]).amax(0), cfg.alpha)
+                s = self.smoothing(sites, linears)
                 norm.weight.data /= s
                 if getattr(norm, "bias", None) is not None:
                     norm.bias.data /= s
